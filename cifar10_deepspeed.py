@@ -1,0 +1,168 @@
+"""Train a CIFAR-10 classifier with DeepSpeed, steered by one ds_config.json.
+
+Launch it the way you launch any training job:
+
+    python cifar10_deepspeed.py                                  # one process (CPU or one GPU)
+    deepspeed --num_gpus=2 cifar10_deepspeed.py                  # 2 GPUs (2 CPU ranks without GPUs)
+    torchrun --nproc-per-node=2 cifar10_deepspeed.py
+
+Options:
+
+    --deepspeed_config PATH   the config (default ds_config.json): DeepSpeed's keys + a "trainer" section
+    --data-dir PATH           CIFAR-10 as a folder or .tar.gz (overrides trainer.data.dir)
+    --output-dir DIR          where config.json, metrics.jsonl, summary.json go (default runs/<UTC time>-<model>)
+    --set KEY=VALUE           override a config key by its dotted path, VALUE parsed as JSON when it can be:
+                              --set trainer.epochs=3 --set optimizer.params.lr=0.05 --set bf16.enabled=true
+    --quiet                   no per-epoch lines, no progress bar
+    --list-models             print the registered models and their parameter counts
+
+User mistakes (config, data, paths) stop every rank before any work with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+# The script's folder is on sys.path under every launcher, so `models` and `cifar10ds`
+# import from the checkout; neither is installed into site-packages (see README).
+import models
+from cifar10ds.errors import EXIT_USER_ERROR, UserError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--deepspeed_config", "--deepspeed-config", default="ds_config.json", metavar="PATH")
+    p.add_argument("--data-dir", default=None, metavar="PATH")
+    p.add_argument("--output-dir", default=None, metavar="DIR")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--list-models", action="store_true")
+    # Added by the deepspeed launcher; rank comes from the environment instead.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from cifar10ds import config as config_mod
+    from cifar10ds import data as data_mod
+    from cifar10ds import dist, tracking
+    from cifar10ds.batches import batches_per_epoch, last_batch_size
+    from cifar10ds.engine import DeepSpeedBackend
+    from cifar10ds.loop import DeviceData, train
+
+    started = time.perf_counter()
+    # 1. Config: every rank reads and validates the same file, so every rank fails alike.
+    cfg = config_mod.load_config(args.deepspeed_config, args.overrides)
+    t = cfg.trainer
+    if args.data_dir is not None:
+        t.data.dir = args.data_dir
+
+    # 2. Processes: one world for every launcher (a world of one without a launcher).
+    dist.set_single_process_defaults()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_logger.setLevel(logging.WARNING)
+    # DeepSpeed asks its scheduler for the lr once before the first step and warns about it.
+    ds_logger.addFilter(lambda r: "before it has started" not in r.getMessage())
+    deepspeed.init_distributed()
+    info = dist.env_info()
+    cfg.ds = config_mod.resolve_batch_sizes(cfg.ds, info.world_size)
+
+    # 3. Output folder and data: prepared once on rank 0, the outcome shared with all ranks.
+    out_dir = Path(args.output_dir) if args.output_dir else tracking.default_output_dir(t.model)
+    out_dir = Path(dist.on_main_then_share(lambda: tracking.prepare_output_dir(out_dir), info))
+
+    def load() -> data_mod.Cifar10:
+        return data_mod.load_cifar10(t.data.dir, t.data.download, t.data.cache_dir)
+
+    loaded: list[data_mod.Cifar10] = []
+    dist.on_main_then_share(lambda: loaded.append(load()), info)  # download/decode/cache once
+    ds = loaded[0] if loaded else load()  # the other ranks read rank 0's cache
+    train_idx = data_mod.balanced_subset(ds.train_y, t.data.train_limit, t.data.subset_seed)
+    test_idx = data_mod.balanced_subset(ds.test_y, t.data.test_limit, t.data.subset_seed)
+
+    # 4. Steps: "auto" schedule lengths follow from the data size and the world size.
+    n_train = len(ds.train_y) if train_idx is None else len(train_idx)
+    micro = cfg.ds["train_micro_batch_size_per_gpu"]
+    torch.manual_seed(t.seed)
+    model = models.create_model(t.model, num_classes=ds.num_classes)
+    if models.has_batchnorm(model) and last_batch_size(n_train, info.world_size, micro) == 1:
+        raise config_mod.ConfigError(
+            f"each rank's last training batch would hold 1 image ({n_train} images, world size {info.world_size}, "
+            f"micro batch {micro}) and BatchNorm cannot train on one; change trainer.data.train_limit or the batch size"
+        )
+    cfg.ds = config_mod.resolve_schedule(cfg.ds, t, batches_per_epoch(n_train, info.world_size, micro))
+
+    # 5. Engine: DeepSpeed builds optimizer, scheduler and precision from the resolved config.
+    backend = DeepSpeedBackend(model, cfg.ds)
+    device = backend.device
+
+    def on_device(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        return (x if idx is None else x[idx]).to(device)
+
+    data = DeviceData(
+        on_device(ds.train_x, train_idx), on_device(ds.train_y, train_idx),
+        on_device(ds.test_x, test_idx), on_device(ds.test_y, test_idx),
+    )
+    reporter = tracking.Reporter(out_dir, info.is_main, args.quiet)
+    reporter.write_json("config.json", cfg.to_json())
+    params = models.count_params(model)
+    reporter.say(
+        f"{t.model} ({params:,} params) | {cfg.precision} | world size {info.world_size} on {device} | "
+        f"{n_train} train / {len(data.test_y)} test images | batch {cfg.ds['train_batch_size']} | out {out_dir}"
+    )
+
+    # 6. Train, then report.
+    result = train(backend, data, cfg, info, reporter)
+    summary = {
+        **result,
+        "total_time_s": time.perf_counter() - started,
+        "world_size": info.world_size,
+        "backend": backend.name,
+        "precision": cfg.precision,
+        "model": t.model,
+        "params": params,
+        "seed": t.seed,
+        "train_images": n_train,
+        "test_images": len(data.test_y),
+        "device": tracking.device_name(device),
+        "versions": tracking.library_versions(),
+        **tracking.git_commit(),
+        "output_dir": str(out_dir),
+    }
+    reporter.write_json("summary.json", summary)
+    reporter.say(
+        f"done: final val_acc {100 * summary['final_val_acc']:.2f}% (best {100 * summary['best_val_acc']:.2f}% "
+        f"at epoch {summary['best_epoch']}), train {summary['train_time_s']:.1f}s, {out_dir}/summary.json"
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list_models:
+        for name in models.list_models():
+            print(f"{name:<12} {models.count_params(models.create_model(name)):>12,} params")
+        return 0
+    try:
+        run(args)
+    except UserError as e:
+        rank = os.environ.get("RANK", "0")
+        prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"{prefix}{e.kind}: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

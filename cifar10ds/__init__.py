@@ -1,0 +1,1 @@
+"""cifar10-deepspeed: the trainer behind cifar10_deepspeed.py (config, data, engine, loop, reporting)."""

@@ -1,0 +1,113 @@
+"""Training batches from tensors already on the device: per-rank shards and batched augmentation.
+
+Sharding follows ``torch.utils.data.DistributedSampler`` (shuffle=True, drop_last=False): one
+seeded permutation per epoch shared by all ranks, padded by wrapping to a multiple of the world
+size, rank r takes positions r, r+W, r+2W, ... Every image is seen once per epoch across ranks
+(the few padded ones twice), every rank gets the same number of batches, and the order changes
+with the epoch (``set_epoch`` semantics: the permutation is seeded by seed + epoch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Per-channel mean and std of the CIFAR-10 training images (0-1 scale).
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+
+def shard_indices(n: int, world_size: int, rank: int, epoch: int, seed: int, shuffle: bool = True) -> torch.Tensor:
+    """This rank's sample indices for ``epoch`` (DistributedSampler semantics, drop_last=False)."""
+    if shuffle:
+        g = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.arange(n)
+    per_rank = math.ceil(n / world_size)
+    padding = per_rank * world_size - n
+    if padding:
+        order = torch.cat([order, order.repeat(math.ceil(padding / n))[:padding]])
+    return order[rank::world_size]
+
+
+def batches_per_epoch(n: int, world_size: int, micro_batch: int) -> int:
+    """Micro batches each rank runs per epoch (the last one may be smaller)."""
+    return math.ceil(math.ceil(n / world_size) / micro_batch)
+
+
+def last_batch_size(n: int, world_size: int, micro_batch: int) -> int:
+    per_rank = math.ceil(n / world_size)
+    return per_rank - (batches_per_epoch(n, world_size, micro_batch) - 1) * micro_batch
+
+
+def eval_shard(n: int, world_size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, valid mask) so that every test image is counted exactly once across ranks.
+
+    Shards are padded to equal length (every rank runs the same number of forward passes, which
+    sharded engines such as ZeRO-3 need) and the padded entries are masked out of the counts.
+    """
+    per_rank = math.ceil(n / world_size)
+    positions = torch.arange(rank, per_rank * world_size, world_size)
+    valid = positions < n
+    return torch.where(valid, positions, torch.zeros_like(positions)), valid
+
+
+class Augment:
+    """Random crop (reflect padding), horizontal flip and cutout on whole uint8 batches.
+
+    All randomness comes from one generator on the batch's device, so a seed fixes every
+    augmentation of a run; ``state_dict``/``load_state_dict`` carry it across a resume.
+    """
+
+    def __init__(self, crop_padding: int, flip: bool, cutout: int, seed: int, device: torch.device) -> None:
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.cutout = cutout
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
+
+    def _rand(self, high: int, n: int) -> torch.Tensor:
+        return torch.randint(0, high, (n,), device=self.device, generator=self.generator)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> augmented, normalized float32 (N, 3, H, W)."""
+        x = x.float()
+        n, _, h, w = x.shape
+        if self.crop_padding:
+            p = self.crop_padding
+            padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
+            dy, dx = self._rand(2 * p + 1, n), self._rand(2 * p + 1, n)
+            rows = (dy[:, None] + torch.arange(h, device=self.device))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=self.device))[:, None, None, :]
+            batch = torch.arange(n, device=self.device)[:, None, None, None]
+            chan = torch.arange(3, device=self.device)[None, :, None, None]
+            x = padded[batch, chan, rows, cols]
+        if self.flip:
+            flip = self._rand(2, n).bool()[:, None, None, None]
+            x = torch.where(flip, x.flip(3), x)
+        x = (x - self.mean) / self.std
+        if self.cutout:
+            s = self.cutout
+            cy, cx = self._rand(h, n), self._rand(w, n)
+            ys = torch.arange(h, device=self.device)[None, :]
+            xs = torch.arange(w, device=self.device)[None, :]
+            in_y = ((ys - cy[:, None] + s // 2) >= 0) & ((ys - cy[:, None] + s // 2) < s)
+            in_x = ((xs - cx[:, None] + s // 2) >= 0) & ((xs - cx[:, None] + s // 2) < s)
+            mask = in_y[:, None, :, None] & in_x[:, None, None, :]
+            x = x.masked_fill(mask, 0.0)
+        return x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 -> normalized float32, no augmentation (evaluation)."""
+        return (x.float() - self.mean) / self.std
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+

@@ -1,0 +1,284 @@
+"""ds_config.json -> one validated, resolved configuration.
+
+The file holds DeepSpeed's own keys (passed to the engine as they are, with "auto" values
+filled in) plus a ``"trainer"`` section for what DeepSpeed lacks (model, epochs, data, early
+stopping). The trainer section is checked by a pydantic schema; the DeepSpeed keys the trainer
+depends on are checked here too, so that a mistake stops the run before any work with one line
+naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cifar10ds.errors import ConfigError
+
+AUTO = "auto"
+
+# Schedulers whose "auto" step counts the trainer fills in, and the keys it fills.
+SCHEDULERS = {
+    "WarmupLR": ("warmup_num_steps",),
+    "WarmupDecayLR": ("total_num_steps", "warmup_num_steps"),
+    "WarmupCosineLR": ("total_num_steps", "warmup_num_steps"),
+    "OneCycle": ("cycle_first_step_size",),
+    "LRRangeTest": (),
+}
+
+
+class _Section(BaseModel):
+    # strict: "3" is not 3 and true is not 1; extra keys are typos until proven otherwise.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class AugmentationConfig(_Section):
+    crop_padding: int = Field(4, ge=0, le=16, description="random-crop padding in pixels (reflect); 0 turns cropping off")
+    flip: bool = Field(True, description="random horizontal flip with probability 0.5")
+    cutout: int = Field(0, ge=0, le=32, description="side in pixels of a random square set to zero (0 = off)")
+
+
+class DataConfig(_Section):
+    dir: str = Field("data", description="folder or .tar.gz holding CIFAR-10; --data-dir overrides it")
+    download: bool = Field(True, description="download the official archive when no data is found")
+    cache_dir: Optional[str] = Field(
+        None, description="where decoded tensors are cached (default $CIFAR10DS_CACHE or ~/.cache/cifar10-deepspeed)"
+    )
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    train_limit: Optional[int] = Field(None, ge=2, description="train on a seeded class-balanced subset of this size")
+    test_limit: Optional[int] = Field(None, ge=1, description="evaluate on a seeded class-balanced subset of this size")
+    subset_seed: int = Field(0, description="seed of the class-balanced subsets (fixed across training seeds)")
+    eval_batch_size: int = Field(1000, ge=1, description="images per evaluation batch and rank")
+
+
+class EarlyStoppingConfig(_Section):
+    monitor: Literal["val_acc", "val_loss", "train_loss"] = Field("val_acc", description="metric the rules watch")
+    mode: Literal["auto", "max", "min"] = Field("auto", description="auto: max for accuracies, min for losses")
+    patience: Optional[int] = Field(None, ge=1, description="stop after this many epochs without improvement (null = off)")
+    min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
+    target: Optional[float] = Field(None, description="stop as soon as the monitored metric reaches this value")
+    time_budget_s: Optional[float] = Field(None, gt=0, description="stop after the epoch that crosses this wall time")
+
+    @property
+    def direction(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "max" if self.monitor.endswith("acc") else "min"
+
+
+class TrainerConfig(_Section):
+    model: str = Field("resnet9", description="registered model name (python cifar10_deepspeed.py --list-models)")
+    epochs: float = Field(10, gt=0, description="epochs to train; fractions allowed (2.5 = two and a half)")
+    seed: int = Field(0, description="seed of initialisation, data order and augmentation")
+    warmup_epochs: float = Field(0, ge=0, description='epochs of warmup when the scheduler says "auto"')
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss")
+    data: DataConfig = Field(default_factory=DataConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        import models
+
+        if name not in models.list_models():
+            raise ValueError(f"unknown model {name!r}; valid names: {', '.join(models.list_models())}")
+        return name
+
+
+@dataclass
+class Config:
+    """The whole run configuration: DeepSpeed's keys (``ds``) and the validated trainer section."""
+
+    ds: dict[str, Any]
+    trainer: TrainerConfig
+    path: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.ds, "trainer": self.trainer.model_dump()}
+
+    @property
+    def precision(self) -> str:
+        if _enabled(self.ds, "bf16"):
+            return "bf16"
+        if _enabled(self.ds, "fp16"):
+            return "fp16"
+        return "fp32"
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read ``path``, apply ``--set`` overrides, validate. Raises ConfigError on any user mistake."""
+    path = Path(path)
+    raw = read_json(path)
+    for item in overrides or []:
+        apply_override(raw, item)
+    trainer_raw = raw.pop("trainer", {})
+    if not isinstance(trainer_raw, dict):
+        raise ConfigError(f'{path}: "trainer" must be an object, got {type(trainer_raw).__name__}')
+    try:
+        trainer = TrainerConfig.model_validate(trainer_raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_describe(e, TrainerConfig, 'trainer')}") from None
+    check_deepspeed_keys(raw, path)
+    return Config(ds=raw, trainer=trainer, path=str(path))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found: pass --deepspeed_config PATH (e.g. ds_config.json)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    return data
+
+
+def apply_override(cfg: dict[str, Any], item: str) -> None:
+    """``a.b.c=VALUE``: set a nested key; VALUE is parsed as JSON when it can be, else kept as a string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. --set trainer.epochs=3")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    node = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"--set {item!r}: {where} is a {type(child).__name__}, not an object")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(err: ValidationError, model: type[BaseModel], prefix: str) -> str:
+    """One line for the first schema error: the dotted key, what is wrong, what is allowed."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join([prefix, *loc])
+    if first["type"] == "extra_forbidden":
+        owner: Any = model
+        for part in loc[:-1]:
+            owner = owner.model_fields[part].annotation
+        return f"{key}: unknown key; allowed keys: {', '.join(owner.model_fields)}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg} (got {first['input']!r})"
+
+
+def _enabled(ds: dict[str, Any], section: str) -> bool:
+    value = ds.get(section, {})
+    return isinstance(value, dict) and value.get("enabled") is True
+
+
+def check_deepspeed_keys(ds: dict[str, Any], path: Path | str) -> None:
+    """Check the DeepSpeed keys the trainer reads or fills; DeepSpeed validates the rest itself."""
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = ds.get(key, AUTO)
+        if value != AUTO and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ConfigError(f'{path}: {key} must be a positive integer or "auto" (got {value!r})')
+    if ds.get("train_batch_size", AUTO) == AUTO and ds.get("train_micro_batch_size_per_gpu", AUTO) == AUTO:
+        raise ConfigError(f"{path}: set train_batch_size or train_micro_batch_size_per_gpu to a positive integer")
+    for section in ("fp16", "bf16"):
+        value = ds.get(section, {})
+        if not isinstance(value, dict) or not isinstance(value.get("enabled", False), bool):
+            raise ConfigError(f'{path}: {section} must be an object like {{"enabled": true}} (got {value!r})')
+    if _enabled(ds, "fp16") and _enabled(ds, "bf16"):
+        raise ConfigError(f"{path}: fp16.enabled and bf16.enabled are both true; enable at most one (neither = fp32)")
+    clip = ds.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise ConfigError(f"{path}: gradient_clipping must be a number >= 0 (0 = off), got {clip!r}")
+    opt = ds.get("optimizer")
+    if opt is not None and not (isinstance(opt, dict) and isinstance(opt.get("type"), str)):
+        raise ConfigError(f'{path}: optimizer must be an object like {{"type": "SGD", "params": {{"lr": 0.01}}}}')
+    if opt is not None and not isinstance(opt.get("params", {}), dict):
+        raise ConfigError(f"{path}: optimizer.params must be an object")
+    sched = ds.get("scheduler")
+    if sched is not None:
+        if not (isinstance(sched, dict) and sched.get("type") in SCHEDULERS):
+            got = sched.get("type") if isinstance(sched, dict) else sched
+            raise ConfigError(f"{path}: scheduler.type must be one of {', '.join(SCHEDULERS)} (got {got!r})")
+        if not isinstance(sched.get("params", {}), dict):
+            raise ConfigError(f"{path}: scheduler.params must be an object")
+
+
+# ---------------------------------------------------------------------------- resolving "auto"
+
+
+def resolve_batch_sizes(ds: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """Fill "auto" among train_batch_size = micro batch x gradient accumulation x world size."""
+    ds = copy.deepcopy(ds)
+    total = ds.get("train_batch_size", AUTO)
+    micro = ds.get("train_micro_batch_size_per_gpu", AUTO)
+    accum = ds.get("gradient_accumulation_steps", AUTO)
+    if total != AUTO and micro != AUTO:
+        if accum == AUTO:
+            accum = total // (micro * world_size) if total % (micro * world_size) == 0 else -1
+        if accum <= 0 or total != micro * accum * world_size:
+            raise ConfigError(
+                f"train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
+                f"{ds.get('gradient_accumulation_steps', AUTO)} x world size {world_size}; "
+                'set train_micro_batch_size_per_gpu to "auto" or make the product match'
+            )
+    elif total != AUTO:
+        accum = 1 if accum == AUTO else accum
+        if total % (world_size * accum):
+            raise ConfigError(
+                f"train_batch_size {total} is not divisible by world size {world_size} x gradient_accumulation_steps "
+                f"{accum}; use a multiple of {world_size * accum}"
+            )
+        micro = total // (world_size * accum)
+    else:
+        accum = 1 if accum == AUTO else accum
+        total = micro * accum * world_size
+    ds.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+    return ds
+
+
+def optimizer_steps(micro_steps_per_epoch: int, epochs: float, accumulation: int) -> int:
+    """Optimizer steps in a run of ``epochs`` (fractions allowed) at ``micro_steps_per_epoch`` per rank."""
+    return max(1, total_micro_steps(micro_steps_per_epoch, epochs) // accumulation)
+
+
+def total_micro_steps(micro_steps_per_epoch: int, epochs: float) -> int:
+    return max(1, math.ceil(round(epochs * micro_steps_per_epoch, 6)))
+
+
+def resolve_schedule(ds: dict[str, Any], trainer: TrainerConfig, micro_steps_per_epoch: int) -> dict[str, Any]:
+    """Fill the scheduler's "auto" step counts from epochs, warmup epochs and steps per epoch."""
+    ds = copy.deepcopy(ds)
+    sched = ds.get("scheduler")
+    if sched is None:
+        return ds
+    accum = ds["gradient_accumulation_steps"]
+    total = optimizer_steps(micro_steps_per_epoch, trainer.epochs, accum)
+    warmup = max(1, round(trainer.warmup_epochs * micro_steps_per_epoch / accum))
+    params = sched.setdefault("params", {})
+    fill = {"total_num_steps": total, "warmup_num_steps": warmup, "cycle_first_step_size": max(1, total // 2)}
+    for key in SCHEDULERS[sched["type"]]:
+        if params.get(key, AUTO) == AUTO:
+            params[key] = fill[key]
+        elif not (isinstance(params[key], int) and not isinstance(params[key], bool) and params[key] > 0):
+            raise ConfigError(f'scheduler.params.{key} must be a positive integer or "auto" (got {params[key]!r})')
+    if "total_num_steps" in params and "warmup_num_steps" in params:
+        if params["warmup_num_steps"] >= params["total_num_steps"]:
+            raise ConfigError(
+                f"scheduler.params.warmup_num_steps ({params['warmup_num_steps']}) must be smaller than "
+                f"total_num_steps ({params['total_num_steps']}); lower trainer.warmup_epochs "
+                f"({trainer.warmup_epochs}) or raise trainer.epochs ({trainer.epochs})"
+            )
+    return ds

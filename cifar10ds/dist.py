@@ -1,0 +1,89 @@
+"""Process-group plumbing shared by every launcher.
+
+Rank, world size and local rank come from the environment (set by ``deepspeed``, ``torchrun``
+and ``accelerate launch``); with no launcher the defaults make a world of one. ``--local_rank``
+on the command line is accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from cifar10ds.errors import ConfigError, DataError, UserError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_info() -> DistInfo:
+    return DistInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_single_process_defaults() -> None:
+    """Give a launcher-less run the environment of a one-process world (free local port)."""
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def on_main_then_share(fn: Callable[[], T], info: DistInfo) -> T:
+    """Run ``fn`` on rank 0 only and hand its result, or its user error, to every rank.
+
+    Used for work that must happen once (download, decode, creating the output folder): other
+    ranks wait for the answer instead of a barrier, so a failure on rank 0 ends every rank with
+    the same one-line message instead of leaving them hanging.
+    """
+    outcome: tuple[str, Any]
+    if info.is_main:
+        try:
+            outcome = ("ok", fn())
+        except UserError as e:
+            outcome = (type(e).__name__, str(e))
+    else:
+        outcome = ("pending", None)
+    outcome = broadcast_object(outcome)
+    kind, value = outcome
+    if kind == "ok":
+        return value
+    raise {"ConfigError": ConfigError, "DataError": DataError}.get(kind, UserError)(value)

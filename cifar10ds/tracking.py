@@ -1,0 +1,116 @@
+"""Everything a run reports: the per-epoch console line, the progress bar, and the output files
+(config.json, metrics.jsonl, steps.jsonl, summary.json). Only the main rank reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from cifar10ds.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def default_output_dir(model: str) -> Path:
+    return Path("runs") / f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{model}"
+
+
+def prepare_output_dir(path: Path) -> str:
+    """Create ``path`` (or accept an existing one) and prove it is writable."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output dir {path} is not writable ({e.strerror}); pass --output-dir DIR") from None
+    return str(path)
+
+
+class Reporter:
+    def __init__(self, out_dir: str | Path, is_main: bool, quiet: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        self.is_main = is_main
+        self.quiet = quiet
+        if is_main:
+            for name in ("metrics.jsonl", "steps.jsonl"):
+                (self.out_dir / name).write_text("")
+
+    def say(self, line: str) -> None:
+        if self.is_main and not self.quiet:
+            print(line, flush=True)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.is_main:
+            tmp = self.out_dir / f".{name}.tmp"
+            tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+            tmp.replace(self.out_dir / name)
+
+    def append_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
+        if self.is_main and rows:
+            with open(self.out_dir / name, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def progress(self, total: int, desc: str) -> Optional[Any]:
+        """A tqdm bar within the epoch, only on the main rank of an interactive terminal."""
+        if not self.is_main or self.quiet or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    def epoch(self, m: dict[str, Any], total_epochs: int, steps: list[dict[str, Any]]) -> None:
+        self.append_jsonl("metrics.jsonl", [m])
+        self.append_jsonl("steps.jsonl", steps)
+        gn = "n/a" if m["grad_norm"] is None else f"{m['grad_norm']:.3g}"
+        self.say(
+            f"Epoch [{m['epoch']}/{total_epochs}] loss {m['train_loss']:.4f} val_acc {100 * m['val_acc']:.2f}% "
+            f"lr {m['lr']:.4g} grad_norm {gn} {m['epoch_time_s']:.1f}s total {m['elapsed_s']:.1f}s"
+        )
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def git_commit() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "HEAD") or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "deepspeed", "numpy", "pydantic", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    return out

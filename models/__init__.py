@@ -1,0 +1,44 @@
+"""Model registry: ``@register_model`` adds a constructor, ``create_model(name)`` builds one.
+
+Every constructor takes ``num_classes`` and returns an ``nn.Module`` mapping a float batch
+``(N, 3, 32, 32)`` to logits ``(N, num_classes)``. Importing this package registers the
+built-in families (one file each).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``fn`` under its own name; the name is what configs use (``trainer.model``)."""
+    if fn.__name__ in _REGISTRY:
+        raise ValueError(f"model {fn.__name__!r} registered twice")
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int = 10) -> nn.Module:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    return _REGISTRY[name](num_classes=num_classes)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+# Registration happens on import; keep these last.
+from models import bn_cnn, resnet, simple_cnn  # noqa: E402,F401
