@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cifar10ds.errors import ConfigError
 
@@ -75,10 +75,19 @@ class TrainerConfig(_Section):
     model: str = Field("resnet9", description="registered model name (python cifar10_deepspeed.py --list-models)")
     epochs: float = Field(10, gt=0, description="epochs to train; fractions allowed (2.5 = two and a half)")
     seed: int = Field(0, description="seed of initialisation, data order and augmentation")
-    warmup_epochs: float = Field(0, ge=0, description='epochs of warmup when the scheduler says "auto"')
+    warmup_epochs: Optional[float] = Field(None, ge=0, description='warmup length in epochs when the scheduler says "auto"')
+    warmup_fraction: Optional[float] = Field(
+        None, ge=0, lt=1, description='warmup length as a fraction of the run when the scheduler says "auto"'
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss")
     data: DataConfig = Field(default_factory=DataConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainerConfig:
+        if self.warmup_epochs is not None and self.warmup_fraction is not None:
+            raise ValueError("set at most one of warmup_epochs and warmup_fraction")
+        return self
 
     @field_validator("model")
     @classmethod
@@ -266,7 +275,10 @@ def resolve_schedule(ds: dict[str, Any], trainer: TrainerConfig, micro_steps_per
         return ds
     accum = ds["gradient_accumulation_steps"]
     total = optimizer_steps(micro_steps_per_epoch, trainer.epochs, accum)
-    warmup = max(1, round(trainer.warmup_epochs * micro_steps_per_epoch / accum))
+    if trainer.warmup_fraction is not None:
+        warmup = max(1, round(trainer.warmup_fraction * total))
+    else:
+        warmup = max(1, round((trainer.warmup_epochs or 0) * micro_steps_per_epoch / accum))
     params = sched.setdefault("params", {})
     fill = {"total_num_steps": total, "warmup_num_steps": warmup, "cycle_first_step_size": max(1, total // 2)}
     for key in SCHEDULERS[sched["type"]]:
@@ -278,7 +290,8 @@ def resolve_schedule(ds: dict[str, Any], trainer: TrainerConfig, micro_steps_per
         if params["warmup_num_steps"] >= params["total_num_steps"]:
             raise ConfigError(
                 f"scheduler.params.warmup_num_steps ({params['warmup_num_steps']}) must be smaller than "
-                f"total_num_steps ({params['total_num_steps']}); lower trainer.warmup_epochs "
-                f"({trainer.warmup_epochs}) or raise trainer.epochs ({trainer.epochs})"
+                f"total_num_steps ({params['total_num_steps']}); shorten the warmup (trainer.warmup_epochs="
+                f"{trainer.warmup_epochs}, trainer.warmup_fraction={trainer.warmup_fraction}) or raise trainer.epochs "
+                f"({trainer.epochs})"
             )
     return ds

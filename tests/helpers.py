@@ -1,0 +1,118 @@
+"""Small CIFAR-10 look-alikes written in every accepted format, and a bounded CLI runner."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "cifar10_deepspeed.py"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_images(per_class: int, seed: int, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable images: each class has its own colour and stripe direction, plus noise.
+
+    Returns uint8 (N, 32, 32, 3) in class-interleaved order, and int64 labels.
+    """
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    yy, xx = np.mgrid[0:32, 0:32]
+    for i in range(per_class):
+        for c in range(classes):
+            colour = np.array([(37 * c) % 256, (91 * c + 40) % 256, (173 * c + 80) % 256], dtype=np.float64)
+            stripes = np.sin((xx * np.cos(c) + yy * np.sin(c)) * 0.8)[..., None] * 40
+            img = colour * 0.6 + 50 + stripes + rng.normal(0, 20, (32, 32, 3))
+            xs.append(np.clip(img, 0, 255).astype(np.uint8))
+            ys.append(c)
+    return np.stack(xs), np.array(ys, dtype=np.int64)
+
+
+def write_batches(folder: Path, train: tuple, test: tuple) -> Path:
+    """The official python layout: cifar-10-batches-py/data_batch_1..5 and test_batch (pickles)."""
+    out = folder / "cifar-10-batches-py"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def dump(name: str, x: np.ndarray, y: np.ndarray) -> None:
+        blob = {b"batch_label": name.encode(), b"labels": [int(v) for v in y],
+                b"data": x.transpose(0, 3, 1, 2).reshape(len(x), -1), b"filenames": [b"x.png"] * len(x)}
+        (out / name).write_bytes(pickle.dumps(blob, protocol=2))
+
+    x, y = train
+    for i, (xs, ys) in enumerate(zip(np.array_split(x, 5), np.array_split(y, 5))):
+        dump(f"data_batch_{i + 1}", xs, ys)
+    dump("test_batch", *test)
+    (out / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in CLASSES]}))
+    return out
+
+
+def write_folder(root: Path, train: tuple, test: tuple, ext: str = "png") -> Path:
+    """An image-folder tree: root/train/<class>/NNNN.ext and root/test/<class>/NNNN.ext."""
+    for split, (x, y) in (("train", train), ("test", test)):
+        for i, (img, label) in enumerate(zip(x, y)):
+            d = root / split / CLASSES[label]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i:04d}.{ext}", quality=95)
+    return root
+
+
+def write_targz(path: Path, folder: Path, arcname: str) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname=arcname)
+    return path
+
+
+def tiny_dataset(tmp: Path, train_per_class: int = 20, test_per_class: int = 7, fmt: str = "folder") -> Path:
+    """A data dir in one of the formats: 'folder' (png tree), 'batches', 'targz' (png tree in .tar.gz)."""
+    train, test = make_images(train_per_class, seed=1), make_images(test_per_class, seed=2)
+    if fmt == "batches":
+        write_batches(tmp / "data", train, test)
+        return tmp / "data"
+    root = write_folder(tmp / "tree", train, test)
+    if fmt == "targz":
+        return write_targz(tmp / "tiny.tar.gz", root, "tiny")
+    return root
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def cli_env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(CIFAR10DS_CACHE=str(tmp / "cache"), WANDB_MODE="offline", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def run_bounded(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group and fail."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-3000:]}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_cli(args: list[str], tmp: Path, timeout: float = 180, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``python cifar10_deepspeed.py ARGS`` (or under ``launcher``) from the repo root."""
+    cmd = (launcher or [sys.executable]) + [str(SCRIPT), *args]
+    return run_bounded(cmd, ROOT, cli_env(tmp), timeout)
+
+
+def deepspeed_launcher(n: int, port: int) -> list[str]:
+    return [str(Path(sys.executable).parent / "deepspeed"), f"--num_gpus={n}", f"--master_port={port}"]

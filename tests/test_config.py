@@ -1,0 +1,200 @@
+import json
+
+import pytest
+
+from cifar10ds.config import (
+    apply_override,
+    load_config,
+    optimizer_steps,
+    resolve_batch_sizes,
+    resolve_schedule,
+)
+from cifar10ds.errors import ConfigError
+from tests.helpers import ROOT
+
+BASE = {
+    "train_batch_size": 64,
+    "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+    "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "warmup_num_steps": "auto"}},
+    "trainer": {"model": "bn_cnn", "epochs": 2},
+}
+
+
+def write(tmp_path, cfg):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(cfg) if not isinstance(cfg, str) else cfg)
+    return p
+
+
+@pytest.mark.parametrize("name", ["ds_config.json", "configs/bn_cnn_stable.json", "configs/resnet18_speedrun10.json",
+                                  "configs/simple_cnn_baseline.json"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(ROOT / name)
+    assert cfg.trainer.model in {"resnet9", "bn_cnn", "resnet18", "simple_cnn"}
+
+
+def test_presets_carry_the_seed_recipes():
+    stable = load_config(ROOT / "configs/bn_cnn_stable.json")
+    assert (stable.trainer.model, stable.trainer.epochs, stable.trainer.warmup_epochs) == ("bn_cnn", 50, 5)
+    assert stable.ds["train_batch_size"] == 32 and stable.ds["gradient_clipping"] == 1.0
+    assert stable.ds["optimizer"] == {"type": "SGD", "params": {"lr": 0.01, "momentum": 0.9}}
+    assert stable.trainer.early_stopping.patience == 15 and stable.precision == "fp32"
+    speed = load_config(ROOT / "configs/resnet18_speedrun10.json")
+    assert (speed.trainer.model, speed.trainer.epochs, speed.ds["train_batch_size"]) == ("resnet18", 10, 64)
+    assert speed.ds["optimizer"]["params"] == {"lr": 0.04, "momentum": 0.9} and speed.precision == "bf16"
+    base = load_config(ROOT / "configs/simple_cnn_baseline.json")
+    assert (base.trainer.model, base.ds["train_batch_size"], base.ds["optimizer"]["params"]) == ("simple_cnn", 512, {"lr": 0.01})
+    assert base.trainer.data.augmentation.model_dump() == {"crop_padding": 0, "flip": False, "cutout": 0}
+
+
+@pytest.mark.parametrize(
+    "item, path, value",
+    [
+        ("trainer.epochs=3", ("trainer", "epochs"), 3),
+        ("optimizer.params.lr=0.05", ("optimizer", "params", "lr"), 0.05),
+        ("bf16.enabled=true", ("bf16", "enabled"), True),
+        ("trainer.model=resnet18", ("trainer", "model"), "resnet18"),  # not JSON: kept as a string
+        ("trainer.early_stopping.target=null", ("trainer", "early_stopping", "target"), None),
+        ("new.section.key=[1, 2]", ("new", "section", "key"), [1, 2]),
+    ],
+)
+def test_override_sets_dotted_path_parsing_json(item, path, value):
+    cfg = json.loads(json.dumps(BASE))
+    apply_override(cfg, item)
+    node = cfg
+    for p in path:
+        node = node[p]
+    assert node == value
+
+
+@pytest.mark.parametrize("item, message", [
+    ("trainer.epochs", "expected KEY=VALUE"),
+    ("=3", "expected KEY=VALUE"),
+    ("train_batch_size.x=1", "train_batch_size is a int, not an object"),
+])
+def test_bad_override(item, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_override(json.loads(json.dumps(BASE)), item)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"trainer": {"epoch": 3}}, "trainer.epoch: unknown key; allowed keys: model, epochs, seed"),
+        ({"trainer": {"data": {"augmentaton": {}}}}, "trainer.data.augmentaton: unknown key; allowed keys: dir, download"),
+        ({"trainer": {"data": {"augmentation": {"flip": "yes"}}}}, "trainer.data.augmentation.flip: Input should be a valid boolean"),
+        ({"trainer": {"epochs": "ten"}}, "trainer.epochs: Input should be a valid number"),
+        ({"trainer": {"epochs": -1}}, "trainer.epochs: Input should be greater than 0"),
+        ({"trainer": {"model": "vgg"}}, "unknown model 'vgg'; valid names: bn_cnn, resnet18, resnet9, simple_cnn"),
+        ({"trainer": {"early_stopping": {"monitor": "acc"}}}, "monitor: Input should be 'val_acc', 'val_loss' or 'train_loss'"),
+        ({"trainer": {"warmup_epochs": 1, "warmup_fraction": 0.1}}, "set at most one of warmup_epochs and warmup_fraction"),
+        ({"trainer": {"label_smoothing": 1.0}}, "label_smoothing: Input should be less than 1"),
+        ({"trainer": []}, '"trainer" must be an object'),
+        ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "fp16.enabled and bf16.enabled are both true"),
+        ({"fp16": {"enabled": "yes"}}, 'fp16 must be an object like {"enabled": true}'),
+        ({"train_batch_size": 0}, 'train_batch_size must be a positive integer or "auto"'),
+        ({"train_batch_size": "auto"}, "set train_batch_size or train_micro_batch_size_per_gpu"),
+        ({"gradient_clipping": -1}, "gradient_clipping must be a number >= 0"),
+        ({"optimizer": "SGD"}, 'optimizer must be an object like {"type": "SGD"'),
+        ({"scheduler": {"type": "Cosine"}}, "scheduler.type must be one of WarmupLR, WarmupDecayLR, WarmupCosineLR"),
+    ],
+)
+def test_invalid_config_names_key_and_allowed_values(tmp_path, change, message):
+    cfg = json.loads(json.dumps(BASE))
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, cfg))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_malformed_json_gives_line_and_column(tmp_path):
+    p = write(tmp_path, '{\n  "train_batch_size": 32,\n  "optimizer": {"type": "SGD",}\n}')
+    with pytest.raises(ConfigError, match=r"invalid JSON at line 3 column 31: Expecting property name"):
+        load_config(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found: pass --deepspeed_config PATH"):
+        load_config(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize(
+    "total, micro, accum, world, expected",
+    [
+        (64, "auto", 1, 2, (64, 32, 1)),
+        (64, "auto", "auto", 4, (64, 16, 1)),
+        (64, "auto", 2, 2, (64, 16, 2)),
+        ("auto", 16, 1, 2, (32, 16, 1)),
+        ("auto", 16, 4, 2, (128, 16, 4)),
+        (64, 16, "auto", 2, (64, 16, 2)),
+        (64, 32, 1, 2, (64, 32, 1)),
+    ],
+)
+def test_resolve_batch_sizes(total, micro, accum, world, expected):
+    ds = resolve_batch_sizes(
+        {"train_batch_size": total, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum}, world
+    )
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == expected
+
+
+@pytest.mark.parametrize(
+    "total, micro, accum, world, message",
+    [
+        (100, "auto", 1, 3, "train_batch_size 100 is not divisible by world size 3 x gradient_accumulation_steps 1; use a multiple of 3"),
+        (64, 32, 1, 4, "train_batch_size 64 != train_micro_batch_size_per_gpu 32 x gradient_accumulation_steps 1 x world size 4"),
+        (64, 24, "auto", 2, "train_batch_size 64 != train_micro_batch_size_per_gpu 24"),
+    ],
+)
+def test_impossible_batch_sizes(total, micro, accum, world, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_batch_sizes(
+            {"train_batch_size": total, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum}, world
+        )
+
+
+def _trainer(tmp_path, **trainer):
+    cfg = json.loads(json.dumps(BASE))
+    cfg["trainer"].update(trainer)
+    loaded = load_config(write(tmp_path, cfg))
+    loaded.ds = resolve_batch_sizes(loaded.ds, 1)
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "trainer, per_epoch, total, warmup",
+    [
+        ({"epochs": 2, "warmup_epochs": 0.5}, 100, 200, 50),
+        ({"epochs": 2.5, "warmup_fraction": 0.2}, 100, 250, 50),
+        ({"epochs": 1}, 100, 100, 1),  # no warmup asked: DeepSpeed needs at least one step
+        ({"epochs": 0.25, "warmup_epochs": 0.1}, 7, 2, 1),  # fractions of a short epoch round sensibly
+    ],
+)
+def test_resolve_schedule_fills_auto_steps(tmp_path, trainer, per_epoch, total, warmup):
+    cfg = _trainer(tmp_path, **trainer)
+    params = resolve_schedule(cfg.ds, cfg.trainer, per_epoch)["scheduler"]["params"]
+    assert (params["total_num_steps"], params["warmup_num_steps"]) == (total, warmup)
+
+
+def test_gradient_accumulation_counts_optimizer_steps():
+    assert optimizer_steps(micro_steps_per_epoch=100, epochs=2, accumulation=4) == 50
+    assert optimizer_steps(micro_steps_per_epoch=10, epochs=1.5, accumulation=4) == 3
+
+
+def test_warmup_not_shorter_than_run_is_an_error(tmp_path):
+    cfg = _trainer(tmp_path, epochs=1, warmup_epochs=5)
+    with pytest.raises(ConfigError, match=r"warmup_num_steps \(500\) must be smaller than total_num_steps \(100\)"):
+        resolve_schedule(cfg.ds, cfg.trainer, 100)
+
+
+def test_explicit_scheduler_steps_are_kept_and_checked(tmp_path):
+    cfg = _trainer(tmp_path)
+    cfg.ds["scheduler"]["params"].update(total_num_steps=1000, warmup_num_steps=10)
+    assert resolve_schedule(cfg.ds, cfg.trainer, 100)["scheduler"]["params"]["total_num_steps"] == 1000
+    cfg.ds["scheduler"]["params"]["warmup_num_steps"] = "ten"
+    with pytest.raises(ConfigError, match='warmup_num_steps must be a positive integer or "auto"'):
+        resolve_schedule(cfg.ds, cfg.trainer, 100)

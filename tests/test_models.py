@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+import models
+from models.layers import BatchNorm2d
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_every_model_trains_one_step_on_cpu(name):
+    torch.manual_seed(0)
+    model = models.create_model(name)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert model(x).shape == (4, 10)
+    assert models.create_model(name, num_classes=3)(x).shape == (4, 3)
+
+
+@pytest.mark.parametrize("name, params, batchnorm", [
+    ("resnet18", 11_173_962, True),  # the speedrun log's network, to the parameter
+    ("bn_cnn", 268_746, True),  # the write-up's "~300K"
+    ("simple_cnn", 2_122_186, False),
+    ("resnet9", 6_573_120, True),
+])
+def test_parameter_counts(name, params, batchnorm):
+    model = models.create_model(name)
+    assert models.count_params(model) == params
+    assert models.has_batchnorm(model) is batchnorm
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(KeyError, match="unknown model 'vgg'; valid names: bn_cnn, resnet18, resnet9, simple_cnn"):
+        models.create_model("vgg")
+
+
+def test_bn_cnn_conservative_init():
+    torch.manual_seed(0)
+    m = models.create_model("bn_cnn")
+    # Kaiming fan_in std is sqrt(2 / fan_in); linear layers are scaled by 0.5 on top.
+    assert m.conv2.weight.std().item() == pytest.approx((2 / (16 * 9)) ** 0.5, rel=0.05)
+    assert m.fc1.weight.std().item() == pytest.approx(0.5 * (2 / 2048) ** 0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_batchnorm_computes_in_fp32_with_half_weights(dtype):
+    """As under DeepSpeed bf16/fp16: parameters in half precision, running stats in fp32."""
+    ref = torch.nn.BatchNorm2d(8)
+    bn = BatchNorm2d(8)
+    bn.weight.data, bn.bias.data = bn.weight.data.to(dtype), bn.bias.data.to(dtype)
+    x = torch.randn(16, 8, 4, 4)
+    out = bn(x.to(dtype))
+    assert out.dtype == dtype and bn.running_mean.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref(x.to(dtype).float()), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    assert int(bn.num_batches_tracked) == 1
