@@ -36,7 +36,7 @@ from cifar10ds.errors import EXIT_USER_ERROR, UserError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--deepspeed_config", "--deepspeed-config", default="ds_config.json", metavar="PATH")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None, metavar="PATH")
     p.add_argument("--data-dir", default=None, metavar="PATH")
     p.add_argument("--output-dir", default=None, metavar="DIR")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
@@ -150,17 +150,30 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.deepspeed_config is None:  # ./ds_config.json, else the one next to this script
+        here = Path("ds_config.json")
+        args.deepspeed_config = str(here if here.exists() else Path(__file__).resolve().parent / here)
     if args.list_models:
         for name in models.list_models():
             print(f"{name:<12} {models.count_params(models.create_model(name)):>12,} params")
         return 0
+    import torch.distributed as torch_dist
+
     try:
         run(args)
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"{prefix}{e.kind}: {e}", file=sys.stderr, flush=True)
+        if torch_dist.is_initialized():
+            # Every rank stops here together; skip interpreter teardown, where gloo aborts
+            # ("terminate called without an active exception") once a peer has already left.
+            sys.stdout.flush()
+            os._exit(EXIT_USER_ERROR)
         return EXIT_USER_ERROR
+    if torch_dist.is_initialized():
+        torch_dist.barrier()  # rank 0 may still be writing summary.json
+        torch_dist.destroy_process_group()
     return 0
 
 

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from cifar10ds.config import EarlyStoppingConfig
 
 
-def should_stop(history: list[dict[str, float]], cfg: EarlyStoppingConfig, elapsed_s: float) -> tuple[bool, Optional[str]]:
+def should_stop(history: list[dict[str, float]], cfg: EarlyStoppingConfig, elapsed_s: float) -> tuple[bool, str | None]:
     """(stop?, reason) after the last epoch in ``history`` (one dict of metrics per epoch).
 
     Reasons: ``"target"`` (monitored metric reached ``target``), ``"time_budget"`` (wall time
@@ -50,7 +50,7 @@ class EarlyStopping:
         self.cfg = cfg
         self.history: list[dict[str, float]] = []
 
-    def update(self, metrics: dict[str, float], elapsed_s: float) -> tuple[bool, Optional[str]]:
+    def update(self, metrics: dict[str, float], elapsed_s: float) -> tuple[bool, str | None]:
         self.history.append({k: metrics[k] for k in ("val_acc", "val_loss", "train_loss")})
         return should_stop(self.history, self.cfg, elapsed_s)
 

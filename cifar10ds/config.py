@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -46,12 +46,12 @@ class AugmentationConfig(_Section):
 class DataConfig(_Section):
     dir: str = Field("data", description="folder or .tar.gz holding CIFAR-10; --data-dir overrides it")
     download: bool = Field(True, description="download the official archive when no data is found")
-    cache_dir: Optional[str] = Field(
+    cache_dir: str | None = Field(
         None, description="where decoded tensors are cached (default $CIFAR10DS_CACHE or ~/.cache/cifar10-deepspeed)"
     )
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
-    train_limit: Optional[int] = Field(None, ge=2, description="train on a seeded class-balanced subset of this size")
-    test_limit: Optional[int] = Field(None, ge=1, description="evaluate on a seeded class-balanced subset of this size")
+    train_limit: int | None = Field(None, ge=2, description="train on a seeded class-balanced subset of this size")
+    test_limit: int | None = Field(None, ge=1, description="evaluate on a seeded class-balanced subset of this size")
     subset_seed: int = Field(0, description="seed of the class-balanced subsets (fixed across training seeds)")
     eval_batch_size: int = Field(1000, ge=1, description="images per evaluation batch and rank")
 
@@ -59,10 +59,10 @@ class DataConfig(_Section):
 class EarlyStoppingConfig(_Section):
     monitor: Literal["val_acc", "val_loss", "train_loss"] = Field("val_acc", description="metric the rules watch")
     mode: Literal["auto", "max", "min"] = Field("auto", description="auto: max for accuracies, min for losses")
-    patience: Optional[int] = Field(None, ge=1, description="stop after this many epochs without improvement (null = off)")
+    patience: int | None = Field(None, ge=1, description="stop after this many epochs without improvement (null = off)")
     min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
-    target: Optional[float] = Field(None, description="stop as soon as the monitored metric reaches this value")
-    time_budget_s: Optional[float] = Field(None, gt=0, description="stop after the epoch that crosses this wall time")
+    target: float | None = Field(None, description="stop as soon as the monitored metric reaches this value")
+    time_budget_s: float | None = Field(None, gt=0, description="stop after the epoch that crosses this wall time")
 
     @property
     def direction(self) -> str:
@@ -75,8 +75,8 @@ class TrainerConfig(_Section):
     model: str = Field("resnet9", description="registered model name (python cifar10_deepspeed.py --list-models)")
     epochs: float = Field(10, gt=0, description="epochs to train; fractions allowed (2.5 = two and a half)")
     seed: int = Field(0, description="seed of initialisation, data order and augmentation")
-    warmup_epochs: Optional[float] = Field(None, ge=0, description='warmup length in epochs when the scheduler says "auto"')
-    warmup_fraction: Optional[float] = Field(
+    warmup_epochs: float | None = Field(None, ge=0, description='warmup length in epochs when the scheduler says "auto"')
+    warmup_fraction: float | None = Field(
         None, ge=0, lt=1, description='warmup length as a fraction of the run when the scheduler says "auto"'
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss")

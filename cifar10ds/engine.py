@@ -7,7 +7,7 @@ ranks, ZeRO. It only adds what the loop needs to read back (gradient norm, lr, s
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ class Backend:
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def step(self) -> Optional[torch.Tensor]:
+    def step(self) -> torch.Tensor | None:
         """Finish a micro step; at an optimizer step return the global gradient norm (pre-clip)."""
         raise NotImplementedError
 
@@ -89,7 +89,7 @@ class DeepSpeedBackend(Backend):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> Optional[torch.Tensor]:
+    def step(self) -> torch.Tensor | None:
         boundary = self.engine.is_gradient_accumulation_boundary()
         norm = None
         if boundary and not self._engine_tracks_norm:

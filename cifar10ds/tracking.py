@@ -10,7 +10,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -59,7 +59,7 @@ class Reporter:
             with open(self.out_dir / name, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
-    def progress(self, total: int, desc: str) -> Optional[Any]:
+    def progress(self, total: int, desc: str) -> Any | None:
         """A tqdm bar within the epoch, only on the main rank of an interactive terminal."""
         if not self.is_main or self.quiet or not sys.stderr.isatty():
             return None

@@ -7,7 +7,7 @@ built-in families (one file each).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 

@@ -27,7 +27,7 @@ def make_images(per_class: int, seed: int, classes: int = 10) -> tuple[np.ndarra
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     yy, xx = np.mgrid[0:32, 0:32]
-    for i in range(per_class):
+    for _ in range(per_class):
         for c in range(classes):
             colour = np.array([(37 * c) % 256, (91 * c + 40) % 256, (173 * c + 80) % 256], dtype=np.float64)
             stripes = np.sin((xx * np.cos(c) + yy * np.sin(c)) * 0.8)[..., None] * 40
@@ -108,10 +108,11 @@ def run_bounded(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) 
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def run_cli(args: list[str], tmp: Path, timeout: float = 180, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    """``python cifar10_deepspeed.py ARGS`` (or under ``launcher``) from the repo root."""
+def run_cli(args: list[str], tmp: Path, timeout: float = 180, launcher: list[str] | None = None,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python cifar10_deepspeed.py ARGS`` (or under ``launcher``), from the repo root by default."""
     cmd = (launcher or [sys.executable]) + [str(SCRIPT), *args]
-    return run_bounded(cmd, ROOT, cli_env(tmp), timeout)
+    return run_bounded(cmd, cwd, cli_env(tmp), timeout)
 
 
 def deepspeed_launcher(n: int, port: int) -> list[str]:

@@ -1,0 +1,174 @@
+"""Real runs of cifar10_deepspeed.py as a user launches it, on small generated data."""
+
+import json
+import re
+import socket
+
+import pytest
+
+from tests.helpers import deepspeed_launcher, run_cli, tiny_dataset
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "train_batch_size": 20,
+    "train_micro_batch_size_per_gpu": "auto",
+    "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
+    "scheduler": {"type": "WarmupCosineLR",
+                  "params": {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_type": "linear"}},
+    "gradient_clipping": 1.0,
+    "steps_per_print": 1000,
+    "trainer": {"model": "bn_cnn", "epochs": 3, "seed": 0, "warmup_fraction": 0.1,
+                "data": {"download": False, "augmentation": {"crop_padding": 2, "flip": True, "cutout": 0}}},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("data"))  # 200 train / 70 test png images, 10 classes
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+def read_run(out):
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    return json.loads((out / "summary.json").read_text()), metrics, steps, json.loads((out / "config.json").read_text())
+
+
+def test_one_process_run_writes_its_outputs(tmp_path, data, config):
+    out = tmp_path / "out"
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary, metrics, steps, resolved = read_run(out)
+    # One line per epoch in the speedrun log's style.
+    lines = re.findall(r"Epoch \[(\d)/3\] loss [\d.]+ val_acc [\d.]+% lr [\d.e-]+ grad_norm [\d.]+ [\d.]+s total [\d.]+s", r.stdout)
+    assert lines == ["1", "2", "3"]
+    # The resolved config is what DeepSpeed received: no "auto" left.
+    assert resolved["train_micro_batch_size_per_gpu"] == 20 and resolved["gradient_accumulation_steps"] == 1
+    assert resolved["scheduler"]["params"]["total_num_steps"] == 30  # 200 images / 20 x 3 epochs
+    assert resolved["scheduler"]["params"]["warmup_num_steps"] == 3
+    assert resolved["trainer"]["data"]["dir"] == str(data)
+    # metrics.jsonl: one object per epoch with the documented fields.
+    assert [m["epoch"] for m in metrics] == [1, 2, 3] and [m["step"] for m in metrics] == [10, 20, 30]
+    for m in metrics:
+        assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm", "epoch_time_s", "elapsed_s",
+                "skipped_steps"} <= set(m)
+        assert 0 <= m["val_acc"] <= 1 and m["grad_norm"] > 0 and m["skipped_steps"] == 0
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert metrics[-1]["val_acc"] >= 0.5  # learnable fixture: far above the 10% of chance
+    # steps.jsonl: every step's loss and gradient norm.
+    assert [s["step"] for s in steps] == list(range(1, 31)) and all(s["grad_norm"] > 0 for s in steps)
+    assert summary["final_val_acc"] == metrics[-1]["val_acc"]
+    assert summary["best_val_acc"] == max(m["val_acc"] for m in metrics)
+    assert (summary["world_size"], summary["backend"], summary["precision"]) == (1, "deepspeed", "fp32")
+    assert (summary["model"], summary["params"], summary["seed"]) == ("bn_cnn", 268_746, 0)
+    assert (summary["train_images"], summary["test_images"], summary["epochs_run"]) == (200, 70, 3)
+    assert summary["stopped_early"] is False and summary["stop_reason"] == "completed"
+    assert summary["train_images_per_s"] == pytest.approx(600 / summary["train_time_s"])
+    assert summary["device"].startswith("cpu") and summary["versions"]["deepspeed"]
+    assert "git_commit" in summary and summary["total_time_s"] >= summary["train_time_s"]
+
+
+def test_two_ranks_under_the_deepspeed_launcher(tmp_path, data, config):
+    out = tmp_path / "out"
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out)], tmp_path,
+                timeout=300, launcher=deepspeed_launcher(2, free_port()))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary, metrics, steps, resolved = read_run(out)
+    assert summary["world_size"] == 2
+    assert resolved["train_micro_batch_size_per_gpu"] == 10  # 20 across 2 ranks
+    assert [m["step"] for m in metrics] == [10, 20, 30]  # 100 images per rank / 10 per step
+    assert len(steps) == 30
+    assert r.stdout.count("Epoch [1/3]") == 1  # only rank 0 reports
+    assert metrics[-1]["val_acc"] >= 0.5
+    assert summary["test_images"] == 70
+
+
+def test_bf16_and_fractional_epochs(tmp_path, data, config):
+    out = tmp_path / "out"
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out), "--quiet",
+                 "--set", "bf16.enabled=true", "--set", "trainer.epochs=1.5"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Epoch" not in r.stdout  # --quiet
+    summary, metrics, steps, _ = read_run(out)
+    assert summary["precision"] == "bf16"
+    assert summary["epochs_run"] == 1.5 and [m["step"] for m in metrics] == [10, 15]
+    assert metrics[1]["epoch_fraction"] == 0.5
+    assert all(s["loss"] == s["loss"] and s["grad_norm"] > 0 for s in steps)  # finite
+
+
+def test_early_stopping_at_target(tmp_path, data, config):
+    out = tmp_path / "out"
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out),
+                 "--set", "trainer.early_stopping.target=0.01"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary, metrics, _, _ = read_run(out)
+    assert (summary["stopped_early"], summary["stop_reason"], summary["epochs_run"]) == (True, "target", 1)
+    assert len(metrics) == 1 and "early stop: val_acc" in r.stdout
+
+
+def assert_user_error(r, message, ranks=1):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    hits = [line for line in r.stderr.splitlines() if message in line]
+    assert len(hits) == ranks, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "trainer.epochs=0"], "config error: "),
+        (["--set", "trainer.modle=bn_cnn"], "trainer.modle: unknown key; allowed keys: model, epochs"),
+        (["--set", "fp16.enabled=true"], "fp16.enabled=true is not supported on this device (cpu); use bf16.enabled=true or fp32"),
+        (["--set", "train_batch_size=7", "--set", "trainer.data.train_limit=22"], "BatchNorm cannot train on one"),
+        (["--data-dir", "/nonexistent/cifar"], "data error: no CIFAR-10 data in /nonexistent/cifar and trainer.data.download is false; pass --data-dir PATH"),
+        (["--output-dir", "/proc/forbidden"], "output dir /proc/forbidden is not writable"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tmp_path, data, config, args, message):
+    base = ["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(tmp_path / "out")]
+    r = run_cli(base + args, tmp_path)
+    assert_user_error(r, message)
+
+
+def test_user_error_on_every_rank(tmp_path, data, config):
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(tmp_path / "missing"), "--output-dir",
+                 str(tmp_path / "out")], tmp_path, timeout=300, launcher=deepspeed_launcher(2, free_port()))
+    # Rank 0 looked for the data; both ranks stop with its message instead of waiting forever.
+    assert_user_error(r, "data error: no CIFAR-10 data in", ranks=2)
+    assert "[rank 0]" in r.stderr and "[rank 1]" in r.stderr
+
+
+def test_malformed_config_file(tmp_path, data):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_batch_size": 32,\n "trainer": {"epochs": 3,}}')
+    assert_user_error(run_cli(["--deepspeed_config", str(bad)], tmp_path), "bad.json: invalid JSON at line 2 column 26")
+
+
+def test_list_models(tmp_path):
+    r = run_cli(["--list-models"], tmp_path, timeout=60)
+    assert r.returncode == 0
+    rows = dict(line.split(None, 1) for line in r.stdout.strip().splitlines())
+    assert list(rows) == ["bn_cnn", "resnet18", "resnet9", "simple_cnn"]
+    assert rows["resnet18"].strip() == "11,173,962 params"
+
+
+def test_default_output_dir_and_local_rank_flag(tmp_path, data, config):
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--local_rank=0", "--quiet",
+                 "--set", "trainer.epochs=0.2"], tmp_path, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and re.fullmatch(r"\d{8}T\d{6}Z-bn_cnn", runs[0].name)
+    assert (runs[0] / "summary.json").is_file()
