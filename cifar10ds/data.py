@@ -88,6 +88,11 @@ def load_cifar10(path: str | Path, download: bool = True, cache_dir: str | Path 
     return data
 
 
+def cache_path(path: str | Path, cache_dir: str | Path | None = None) -> Path | None:
+    """The cache file that data found at ``path`` decodes into (no download is attempted)."""
+    return _cache_file(_find_source(Path(path).expanduser(), download=False), cache_dir)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CIFAR10DS_CACHE", Path.home() / ".cache" / "cifar10-deepspeed"))
 

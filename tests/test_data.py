@@ -183,3 +183,24 @@ def test_balanced_subset(limit, per_class):
         assert len(set(idx.tolist())) == len(idx)
         assert torch.equal(idx, balanced_subset(y, limit, seed=3))
         assert not torch.equal(idx, balanced_subset(y, limit, seed=4))
+
+
+def test_prepare_data_script(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, cli_env
+
+    root = write_folder(tmp_path / "tree", TRAIN, TEST)
+    script = str(ROOT / "scripts" / "prepare_data.py")
+    env = cli_env(tmp_path)
+    r = subprocess.run([sys.executable, script, "--data-dir", str(root)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "train:  30 images, per class [3, 3, 3, 3, 3, 3, 3, 3, 3, 3]" in r.stdout
+    assert "test:   20 images, per class [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]" in r.stdout
+    cache_line = next(line for line in r.stdout.splitlines() if line.startswith("cache:"))
+    assert (tmp_path / "cache") in __import__("pathlib").Path(cache_line.split()[1]).parents
+    assert __import__("pathlib").Path(cache_line.split()[1]).is_file()
+    r = subprocess.run([sys.executable, script, "--data-dir", str(tmp_path / "none"), "--no-download"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("data error: no CIFAR-10 data in") and "Traceback" not in r.stderr

@@ -172,3 +172,51 @@ def test_default_output_dir_and_local_rank_flag(tmp_path, data, config):
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and re.fullmatch(r"\d{8}T\d{6}Z-bn_cnn", runs[0].name)
     assert (runs[0] / "summary.json").is_file()
+
+
+def test_two_ranks_under_torchrun(tmp_path, data, config):
+    out = tmp_path / "out"
+    torchrun = [str(__import__("pathlib").Path(__import__("sys").executable).parent / "torchrun"),
+                "--nproc-per-node=2", f"--master-port={free_port()}"]
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out), "--quiet"],
+                tmp_path, timeout=300, launcher=torchrun)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary, metrics, _, _ = read_run(out)
+    assert summary["world_size"] == 2 and [m["step"] for m in metrics] == [10, 20, 30]
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, data, config):
+    """stderr on a pseudo-terminal gets a tqdm bar; a pipe (all the runs above) gets none."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from tests.helpers import SCRIPT, cli_env
+
+    master, slave = pty.openpty()
+    # A real terminal has a size; tqdm draws nothing into a 0x0 one.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--deepspeed_config", str(config), "--data-dir", str(data),
+                             "--output-dir", str(tmp_path / "out"), "--set", "trainer.epochs=1"],
+                            env=cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=slave, start_new_session=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=120) == 0
+    os.close(master)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "epoch 1/1" in screen and "10/10" in screen
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(tmp_path / "o2"),
+                 "--set", "trainer.epochs=1"], tmp_path)
+    assert "epoch 1/1" not in r.stderr and "10/10" not in r.stderr
