@@ -1,10 +1,11 @@
-"""Train a CIFAR-10 classifier with DeepSpeed, steered by one ds_config.json.
+"""Train a CIFAR-10 classifier with DeepSpeed (or Accelerate), steered by one ds_config.json.
 
 Launch it the way you launch any training job:
 
     python cifar10_deepspeed.py                                  # one process (CPU or one GPU)
     deepspeed --num_gpus=2 cifar10_deepspeed.py                  # 2 GPUs (2 CPU ranks without GPUs)
     torchrun --nproc-per-node=2 cifar10_deepspeed.py
+    accelerate launch --multi_gpu --num_processes 2 cifar10_deepspeed.py   # the Accelerate backend
 
 Options:
 
@@ -13,6 +14,8 @@ Options:
     --output-dir DIR          where config.json, metrics.jsonl, summary.json go (default runs/<UTC time>-<model>)
     --set KEY=VALUE           override a config key by its dotted path, VALUE parsed as JSON when it can be:
                               --set trainer.epochs=3 --set optimizer.params.lr=0.05 --set bf16.enabled=true
+    --backend NAME            auto (default), deepspeed or accelerate; auto picks accelerate under
+                              `accelerate launch` or when DeepSpeed is not installed
     --quiet                   no per-epoch lines, no progress bar
     --list-models             print the registered models and their parameter counts
 
@@ -22,7 +25,6 @@ User mistakes (config, data, paths) stop every rank before any work with one lin
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -40,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, metavar="PATH")
     p.add_argument("--output-dir", default=None, metavar="DIR")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    p.add_argument("--backend", choices=("auto", "deepspeed", "accelerate"), default="auto",
+                   help="auto: accelerate under `accelerate launch` or without DeepSpeed installed, else deepspeed")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--list-models", action="store_true")
     # Added by the deepspeed launcher; rank comes from the environment instead.
@@ -52,9 +56,8 @@ def run(args: argparse.Namespace) -> dict:
 
     from cifar10ds import config as config_mod
     from cifar10ds import data as data_mod
-    from cifar10ds import dist, tracking
+    from cifar10ds import dist, engine, tracking
     from cifar10ds.batches import batches_per_epoch, last_batch_size
-    from cifar10ds.engine import DeepSpeedBackend
     from cifar10ds.loop import DeviceData, train
 
     started = time.perf_counter()
@@ -65,16 +68,11 @@ def run(args: argparse.Namespace) -> dict:
         t.data.dir = args.data_dir
 
     # 2. Processes: one world for every launcher (a world of one without a launcher).
+    backend_name = engine.choose_backend(args.backend)
     dist.set_single_process_defaults()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    ds_logger = logging.getLogger("DeepSpeed")
-    ds_logger.setLevel(logging.WARNING)
-    # DeepSpeed asks its scheduler for the lr once before the first step and warns about it.
-    ds_logger.addFilter(lambda r: "before it has started" not in r.getMessage())
-    deepspeed.init_distributed()
+    engine.init_processes(backend_name)
     info = dist.env_info()
     cfg.ds = config_mod.resolve_batch_sizes(cfg.ds, info.world_size)
 
@@ -103,8 +101,8 @@ def run(args: argparse.Namespace) -> dict:
         )
     cfg.ds = config_mod.resolve_schedule(cfg.ds, t, batches_per_epoch(n_train, info.world_size, micro))
 
-    # 5. Engine: DeepSpeed builds optimizer, scheduler and precision from the resolved config.
-    backend = DeepSpeedBackend(model, cfg.ds)
+    # 5. Engine: optimizer, scheduler and precision are built from the resolved config.
+    backend = engine.build_backend(backend_name, model, cfg.ds, warn=lambda m: info.is_main and print(m, file=sys.stderr))
     device = backend.device
 
     def on_device(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -124,6 +122,9 @@ def run(args: argparse.Namespace) -> dict:
 
     # 6. Train, then report.
     result = train(backend, data, cfg, info, reporter)
+    weights = backend.model_state_dict()
+    if info.is_main:
+        torch.save({k: v.detach().cpu() for k, v in weights.items()}, out_dir / "model.pt")
     summary = {
         **result,
         "total_time_s": time.perf_counter() - started,

@@ -21,6 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cifar10ds.errors import ConfigError
 
 AUTO = "auto"
+# DeepSpeed clips the global gradient norm to 1.0 when "gradient_clipping" is absent
+# (deepspeed.runtime.constants.GRADIENT_CLIPPING_DEFAULT). The trainer writes that default into
+# the resolved config, so config.json says what ran and every backend clips alike.
+DEEPSPEED_GRADIENT_CLIPPING_DEFAULT = 1.0
 
 # Schedulers whose "auto" step counts the trainer fills in, and the keys it fills.
 SCHEDULERS = {
@@ -136,6 +140,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except ValidationError as e:
         raise ConfigError(f"{path}: {_describe(e, TrainerConfig, 'trainer')}") from None
     check_deepspeed_keys(raw, path)
+    raw.setdefault("gradient_clipping", DEEPSPEED_GRADIENT_CLIPPING_DEFAULT)
     return Config(ds=raw, trainer=trainer, path=str(path))
 
 

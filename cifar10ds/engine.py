@@ -1,4 +1,4 @@
-"""One small interface over the training engine; the loop talks only to this.
+"""One small interface over the training engine (DeepSpeed or Accelerate); the loop talks only to this.
 
 ``DeepSpeedBackend`` hands everything DeepSpeed owns to DeepSpeed: the optimizer and scheduler
 built from the config, precision and loss scaling, gradient clipping, gradient averaging across
@@ -7,6 +7,10 @@ ranks, ZeRO. It only adds what the loop needs to read back (gradient norm, lr, s
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import logging
+import os
 from typing import Any
 
 import torch
@@ -37,6 +41,10 @@ class Backend:
         raise NotImplementedError
 
     def lr(self) -> float:
+        raise NotImplementedError
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full model weights (a collective call: every rank must call it)."""
         raise NotImplementedError
 
     @property
@@ -104,6 +112,198 @@ class DeepSpeedBackend(Backend):
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.engine.zero_optimization_partition_weights():  # ZeRO-3: gather the shards
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.module.state_dict()
+
     @property
     def skipped_steps(self) -> int:
         return int(self.engine.skipped_steps)
+
+
+# ------------------------------------------------------------------------------ Accelerate
+
+# DeepSpeed keys the Accelerate backend honours, and those it can ignore without changing the run.
+_ACCELERATE_HONOURS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "scheduler", "gradient_clipping", "fp16", "bf16", "zero_optimization", "wandb", "steps_per_print",
+    "wall_clock_breakdown",
+}
+_DEEPSPEED_ONLY_OPTIMIZERS = {"lamb", "onebitadam", "zerooneadam", "onebitlamb", "muon", "lion", "adagrad_cpu"}
+
+
+def accelerate_precision(ds_config: dict[str, Any]) -> str:
+    if ds_config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds_config.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "no"
+
+
+def check_accelerate_config(ds_config: dict[str, Any]) -> list[str]:
+    """Errors for what the Accelerate backend cannot honour; returns warnings for what it ignores."""
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage:
+        raise ConfigError(
+            f"zero_optimization.stage={stage} needs the DeepSpeed backend; launch with deepspeed "
+            "(or pass --backend deepspeed), or set zero_optimization.stage to 0"
+        )
+    opt_type = str(ds_config.get("optimizer", {}).get("type", "")).lower()
+    if opt_type in _DEEPSPEED_ONLY_OPTIMIZERS:
+        raise ConfigError(f"optimizer.type={ds_config['optimizer']['type']} is a DeepSpeed optimizer; use "
+                          "--backend deepspeed, or a torch.optim type such as SGD or AdamW")
+    ignored = sorted(k for k in ds_config if k not in _ACCELERATE_HONOURS)
+    for section in ("fp16", "bf16"):
+        ignored += [f"{section}.{k}" for k in ds_config.get(section, {}) if k != "enabled"]
+    return [f"the accelerate backend ignores DeepSpeed key(s) {', '.join(ignored)}"] if ignored else []
+
+
+def build_torch_optimizer(params: Any, opt_cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """The torch optimizer DeepSpeed would build for this config (its "Adam" is AdamW unless adam_w_mode=false)."""
+    kind = opt_cfg.get("type", "")
+    kwargs = dict(opt_cfg.get("params", {}))
+    adam_w_mode = kwargs.pop("adam_w_mode", True)
+    for ds_only in ("torch_adam", "fused"):
+        kwargs.pop(ds_only, None)
+    if kind.lower() == "adam":
+        cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
+    else:
+        by_name = {name.lower(): getattr(torch.optim, name) for name in dir(torch.optim)}
+        cls = by_name.get(kind.lower())
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise ConfigError(f"optimizer.type={kind!r} is not a torch.optim optimizer (e.g. SGD, AdamW, Adam)")
+    try:
+        return cls(params, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"optimizer.params for {cls.__name__}: {e}") from None
+
+
+class AccelerateBackend(Backend):
+    """The same loop on Hugging Face Accelerate, reading the same ds_config.json.
+
+    Data is sharded by the trainer, so no data loader goes through ``prepare`` (Accelerate
+    would shard it a second time); the scheduler is stepped here once per optimizer step, as
+    DeepSpeed does (a prepared scheduler would step once per process).
+    """
+
+    name = "accelerate"
+
+    def __init__(self, model: nn.Module, ds_config: dict[str, Any], warn: Any = print) -> None:
+        from accelerate import Accelerator
+
+        from cifar10ds.schedules import DeepSpeedStyleSchedule
+
+        for message in check_accelerate_config(ds_config):
+            warn(f"warning: {message}")
+        precision = accelerate_precision(ds_config)
+        launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        if launcher_precision and launcher_precision != precision:
+            warn(f"warning: accelerate launch asked for mixed_precision={launcher_precision}; using {precision} from "
+                 "the config (set fp16.enabled / bf16.enabled there)")
+        if precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("fp16.enabled=true is not supported on this device (cpu); use bf16.enabled=true or fp32 "
+                              "(set fp16.enabled=false), or run on a GPU")
+        self.accumulation = ds_config["gradient_accumulation_steps"]
+        self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=self.accumulation)
+        optimizer = build_torch_optimizer(model.parameters(), ds_config["optimizer"])
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        sched = ds_config.get("scheduler")
+        self.scheduler = DeepSpeedStyleSchedule(optimizer, sched["type"], sched.get("params", {})) if sched else None
+        self.module = self.accelerator.unwrap_model(self.model)
+        self.device = self.accelerator.device
+        self.input_dtype = torch.float32  # autocast casts inside the model
+        self.clip = float(ds_config["gradient_clipping"])  # the resolved config always has it
+        self._micro = 0
+        self._skipped = 0
+        self._accumulating = contextlib.ExitStack()
+        self._in_micro_step = False
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.model.training and not self._in_micro_step:
+            # Entered here, left in step(): DDP must know before the forward pass whether
+            # this micro step synchronises gradients.
+            self._accumulating.enter_context(self.accelerator.accumulate(self.model))
+            self._in_micro_step = True
+        return self.model(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)  # divides by gradient_accumulation_steps
+
+    def step(self) -> torch.Tensor | None:
+        norm = None
+        if self.accelerator.sync_gradients:
+            if self.clip > 0:
+                norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip)
+            else:
+                if self.accelerator.scaler is not None:
+                    self.accelerator.unscale_gradients()
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads)
+            norm = norm.detach().float()
+        self.optimizer.step()  # a no-op between accumulation boundaries
+        if self.accelerator.sync_gradients:
+            if self.optimizer.step_was_skipped:  # fp16 overflow: the scaler skipped the update
+                self._skipped += 1
+            elif self.scheduler is not None:
+                self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._accumulating.close()
+        self._in_micro_step = False
+        return norm
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.accelerator.get_state_dict(self.model)
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._skipped
+
+
+# ---------------------------------------------------------------------------------- choosing
+
+BACKENDS = ("auto", "deepspeed", "accelerate")
+
+
+def launched_by_accelerate() -> bool:
+    return any(k in os.environ for k in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "ACCELERATE_DYNAMO_BACKEND"))
+
+
+def choose_backend(requested: str) -> str:
+    """``auto``: Accelerate when launched by ``accelerate launch`` or when DeepSpeed is missing."""
+    installed = {name: importlib.util.find_spec(name) is not None for name in ("deepspeed", "accelerate")}
+    if requested == "auto":
+        requested = "accelerate" if launched_by_accelerate() or not installed["deepspeed"] else "deepspeed"
+    if not installed[requested]:
+        other = "accelerate" if requested == "deepspeed" else "deepspeed"
+        raise ConfigError(f"the {requested} backend needs the {requested} package: pip install {requested}, "
+                          f"or use --backend {other}")
+    return requested
+
+
+def init_processes(backend: str) -> None:
+    """Join the process group the launcher set up (a world of one without a launcher)."""
+    if backend == "deepspeed":
+        import deepspeed
+
+        ds_logger = logging.getLogger("DeepSpeed")
+        ds_logger.setLevel(logging.WARNING)
+        # DeepSpeed asks its scheduler for the lr once before the first step and warns about it.
+        ds_logger.addFilter(lambda r: "before it has started" not in r.getMessage())
+        deepspeed.init_distributed()
+    else:
+        from accelerate import PartialState
+
+        PartialState()  # initialises torch.distributed from the launcher's environment
+
+
+def build_backend(name: str, model: nn.Module, ds_config: dict[str, Any], warn: Any = print) -> Backend:
+    if name == "deepspeed":
+        return DeepSpeedBackend(model, ds_config)
+    return AccelerateBackend(model, ds_config, warn)

@@ -37,7 +37,7 @@ The resolved file is saved as `config.json` in the run's output folder.
 | `gradient_accumulation_steps` | int or `"auto"` | micro batches per optimizer step (`"auto"`: 1, or what the other two imply) |
 | `optimizer` | object | `{"type": ..., "params": {...}}`: DeepSpeed's optimizers or any `torch.optim` class (`SGD`, `AdamW`, ...) |
 | `scheduler` | object | `{"type": ..., "params": {...}}`, type one of {schedulers}; `"auto"` step counts are filled from epochs, warmup and steps per epoch |
-| `gradient_clipping` | number >= 0 | clip the global gradient norm to this value (0 = off) |
+| `gradient_clipping` | number >= 0 | clip the global gradient norm to this value (0 = off); absent: DeepSpeed's default, 1.0, written into the resolved config |
 | `fp16` / `bf16` | `{"enabled": bool, ...}` | precision; at most one enabled; neither = fp32. BatchNorm always computes in fp32 |
 | `zero_optimization`, `wandb`, `steps_per_print`, ... | | passed to DeepSpeed as they are: see DeepSpeed's configuration documentation |
 

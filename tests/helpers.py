@@ -117,3 +117,33 @@ def run_cli(args: list[str], tmp: Path, timeout: float = 180, launcher: list[str
 
 def deepspeed_launcher(n: int, port: int) -> list[str]:
     return [str(Path(sys.executable).parent / "deepspeed"), f"--num_gpus={n}", f"--master_port={port}"]
+
+
+def accuracy_in_one_process(out: Path, data_dir: Path, model: str, cache: Path) -> float:
+    """Score a run's saved model.pt on the whole test set in this one process."""
+    import torch
+
+    import models
+    from cifar10ds.batches import Augment
+    from cifar10ds.data import load_cifar10
+
+    data = load_cifar10(data_dir, download=False, cache_dir=cache)
+    net = models.create_model(model, num_classes=data.num_classes)
+    net.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    net.eval()
+    with torch.no_grad():
+        pred = net(Augment(0, False, 0, seed=0, device="cpu").normalize(data.test_x)).argmax(1)
+    return (pred == data.test_y).double().mean().item()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launcher(n: int, port: int) -> list[str]:
+    return [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", f"--num_processes={n}",
+            f"--main_process_port={port}"]

@@ -198,3 +198,15 @@ def test_explicit_scheduler_steps_are_kept_and_checked(tmp_path):
     cfg.ds["scheduler"]["params"]["warmup_num_steps"] = "ten"
     with pytest.raises(ConfigError, match='warmup_num_steps must be a positive integer or "auto"'):
         resolve_schedule(cfg.ds, cfg.trainer, 100)
+
+
+def test_absent_gradient_clipping_is_deepspeeds_default(tmp_path):
+    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+
+    from cifar10ds.config import DEEPSPEED_GRADIENT_CLIPPING_DEFAULT
+
+    assert DEEPSPEED_GRADIENT_CLIPPING_DEFAULT == GRADIENT_CLIPPING_DEFAULT == 1.0
+    cfg = json.loads(json.dumps(BASE))
+    assert load_config(write(tmp_path, cfg)).ds["gradient_clipping"] == 1.0  # written into the resolved config
+    cfg["gradient_clipping"] = 0
+    assert load_config(write(tmp_path, cfg)).ds["gradient_clipping"] == 0

@@ -2,11 +2,10 @@
 
 import json
 import re
-import socket
 
 import pytest
 
-from tests.helpers import deepspeed_launcher, run_cli, tiny_dataset
+from tests.helpers import accuracy_in_one_process, deepspeed_launcher, free_port, run_cli, tiny_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +20,6 @@ TINY = {
     "trainer": {"model": "bn_cnn", "epochs": 3, "seed": 0, "warmup_fraction": 0.1,
                 "data": {"download": False, "augmentation": {"crop_padding": 2, "flip": True, "cutout": 0}}},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +87,8 @@ def test_two_ranks_under_the_deepspeed_launcher(tmp_path, data, config):
     assert r.stdout.count("Epoch [1/3]") == 1  # only rank 0 reports
     assert metrics[-1]["val_acc"] >= 0.5
     assert summary["test_images"] == 70
+    # Sharded evaluation counts each test image once: the same weights score the same in one process.
+    assert summary["final_val_acc"] == accuracy_in_one_process(out, data, "bn_cnn", tmp_path / "cache")
 
 
 def test_bf16_and_fractional_epochs(tmp_path, data, config):

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from cifar10ds import engine
+from cifar10ds.engine import build_torch_optimizer, check_accelerate_config, choose_backend
+from cifar10ds.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "requested, env, installed, expected",
+    [
+        ("auto", {}, {"deepspeed", "accelerate"}, "deepspeed"),
+        ("auto", {"ACCELERATE_MIXED_PRECISION": "no"}, {"deepspeed", "accelerate"}, "accelerate"),  # accelerate launch
+        ("auto", {}, {"accelerate"}, "accelerate"),  # DeepSpeed not installed
+        ("deepspeed", {"ACCELERATE_USE_CPU": "False"}, {"deepspeed", "accelerate"}, "deepspeed"),  # explicit wins
+        ("accelerate", {}, {"deepspeed", "accelerate"}, "accelerate"),
+    ],
+)
+def test_choose_backend(monkeypatch, requested, env, installed, expected):
+    for key in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "ACCELERATE_DYNAMO_BACKEND"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(engine.importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    assert choose_backend(requested) == expected
+
+
+def test_missing_backend_package_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(engine.importlib.util, "find_spec", lambda name: None if name == "deepspeed" else object())
+    with pytest.raises(ConfigError, match="the deepspeed backend needs the deepspeed package: pip install deepspeed, or use --backend accelerate"):
+        choose_backend("deepspeed")
+
+
+def params():
+    return [torch.nn.Parameter(torch.zeros(2))]
+
+
+@pytest.mark.parametrize(
+    "cfg, cls, defaults",
+    [
+        ({"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9, "nesterov": True}}, torch.optim.SGD, {"nesterov": True}),
+        ({"type": "sgd", "params": {"lr": 0.1}}, torch.optim.SGD, {"lr": 0.1}),
+        ({"type": "Adam", "params": {"lr": 1e-3, "weight_decay": 0.01}}, torch.optim.AdamW, {"weight_decay": 0.01}),  # DeepSpeed's Adam is AdamW...
+        ({"type": "Adam", "params": {"lr": 1e-3, "adam_w_mode": False}}, torch.optim.Adam, {"lr": 1e-3}),  # ...unless adam_w_mode is off
+        ({"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, torch.optim.AdamW, {"lr": 1e-3}),
+        ({"type": "RMSprop", "params": {"lr": 1e-3}}, torch.optim.RMSprop, {"lr": 1e-3}),
+    ],
+)
+def test_optimizer_follows_deepspeed_naming(cfg, cls, defaults):
+    opt = build_torch_optimizer(params(), cfg)
+    assert type(opt) is cls
+    assert {k: opt.defaults[k] for k in defaults} == defaults
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"type": "Shampoo", "params": {}}, "optimizer.type='Shampoo' is not a torch.optim optimizer"),
+    ({"type": "SGD", "params": {"lr": 0.1, "betas": [0.9, 0.99]}}, "optimizer.params for SGD: "),
+])
+def test_bad_optimizer(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        build_torch_optimizer(params(), cfg)
+
+
+BASE = {"train_batch_size": 8, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "gradient_clipping": 1.0}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage=2 needs the DeepSpeed backend"),
+    ({"optimizer": {"type": "Lamb", "params": {}}}, "optimizer.type=Lamb is a DeepSpeed optimizer"),
+])
+def test_accelerate_refuses_what_it_cannot_honour(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        check_accelerate_config({**BASE, **extra})
+
+
+def test_accelerate_names_what_it_ignores():
+    cfg = {**BASE, "zero_optimization": {"stage": 0}, "activation_checkpointing": {}, "fp16": {"enabled": False, "initial_scale_power": 12}}
+    assert check_accelerate_config(cfg) == [
+        "the accelerate backend ignores DeepSpeed key(s) activation_checkpointing, fp16.initial_scale_power"
+    ]
+    assert check_accelerate_config(BASE) == []

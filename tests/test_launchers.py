@@ -1,0 +1,81 @@
+"""The same loop under every launcher and both backends (issue: launch anywhere)."""
+
+import json
+
+import pytest
+
+from tests.helpers import accelerate_launcher, accuracy_in_one_process, free_port, run_cli, tiny_dataset
+
+pytestmark = pytest.mark.slow
+
+CONFIG = {
+    "train_batch_size": 20,
+    "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}},
+    "scheduler": {"type": "WarmupCosineLR",
+                  "params": {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_type": "linear"}},
+    "trainer": {"model": "bn_cnn", "epochs": 3, "warmup_fraction": 0.1, "data": {"download": False}},
+}
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(CONFIG))
+    return path
+
+
+def run(tmp_path, config, data, name, *extra, launcher=None):
+    out = tmp_path / name
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out), "--quiet", *extra],
+                tmp_path, timeout=300, launcher=launcher)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out / "summary.json").read_text()), metrics, r
+
+
+@pytest.mark.parametrize(
+    "overrides, tolerance",
+    [
+        (["--set", "gradient_clipping=0"], 0.0),  # bit-identical
+        # Clipping: DeepSpeed's clip_grad_norm_ and torch's sum in a different order (~1e-7 per step).
+        (["--set", "gradient_clipping=1.0"], 1e-6),
+        (["--set", "gradient_clipping=0", "--set", "gradient_accumulation_steps=2"], 1e-6),
+    ],
+)
+def test_deepspeed_and_accelerate_backends_agree(tmp_path, config, data, overrides, tolerance):
+    ds_summary, ds, _ = run(tmp_path, config, data, "ds", "--backend", "deepspeed", *overrides)
+    ac_summary, ac, _ = run(tmp_path, config, data, "ac", "--backend", "accelerate", *overrides)
+    assert (ds_summary["backend"], ac_summary["backend"]) == ("deepspeed", "accelerate")
+    assert len(ds) == len(ac) == 3
+    for a, b in zip(ds, ac):
+        for key in METRICS:
+            assert abs(a[key] - b[key]) <= tolerance, (key, a[key], b[key])
+        assert a["step"] == b["step"]
+
+
+def test_accelerate_launch_two_processes(tmp_path, config, data):
+    summary, metrics, r = run(tmp_path, config, data, "out", launcher=accelerate_launcher(2, free_port()))
+    assert (summary["backend"], summary["world_size"]) == ("accelerate", 2)  # auto picked accelerate
+    assert [m["step"] for m in metrics] == [10, 20, 30]  # 200 images / 2 ranks / micro batch 10: no second sharding
+    assert summary["final_val_acc"] == accuracy_in_one_process(tmp_path / "out", data, "bn_cnn", tmp_path / "cache")
+    assert summary["final_val_acc"] >= 0.5
+
+
+def test_accelerate_reports_what_it_cannot_honour(tmp_path, config, data):
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(tmp_path / "o"),
+                 "--backend", "accelerate", "--set", "zero_optimization.stage=2"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "config error: zero_optimization.stage=2 needs the DeepSpeed backend" in r.stderr
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(tmp_path / "o"),
+                 "--backend", "accelerate", "--set", "fp16.enabled=true"], tmp_path)
+    assert r.returncode == 2 and "fp16.enabled=true is not supported on this device (cpu)" in r.stderr
+    summary, _, r = run(tmp_path, config, data, "warn", "--backend", "accelerate", "--set", "trainer.epochs=0.5",
+                        "--set", "flops_profiler.enabled=false")
+    assert "warning: the accelerate backend ignores DeepSpeed key(s) flops_profiler" in r.stderr
+    assert summary["backend"] == "accelerate"
