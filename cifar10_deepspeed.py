@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     p.add_argument("--backend", choices=("auto", "deepspeed", "accelerate"), default="auto",
                    help="auto: accelerate under `accelerate launch` or without DeepSpeed installed, else deepspeed")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="auto: the newest committed checkpoint in the output dir (fresh start if none); "
+                        "PATH: that checkpoint (or checkpoints folder), which must be intact")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--list-models", action="store_true")
     # Added by the deepspeed launcher; rank comes from the environment instead.
@@ -54,9 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    from cifar10ds import checkpoint, dist, engine, tracking
     from cifar10ds import config as config_mod
     from cifar10ds import data as data_mod
-    from cifar10ds import dist, engine, tracking
     from cifar10ds.batches import batches_per_epoch, last_batch_size
     from cifar10ds.loop import DeviceData, train
 
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     dist.set_single_process_defaults()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    engine.init_processes(backend_name)
+    engine.init_processes(backend_name, t.dist_timeout_s)
     info = dist.env_info()
     cfg.ds = config_mod.resolve_batch_sizes(cfg.ds, info.world_size)
 
@@ -102,7 +106,11 @@ def run(args: argparse.Namespace) -> dict:
     cfg.ds = config_mod.resolve_schedule(cfg.ds, t, batches_per_epoch(n_train, info.world_size, micro))
 
     # 5. Engine: optimizer, scheduler and precision are built from the resolved config.
-    backend = engine.build_backend(backend_name, model, cfg.ds, warn=lambda m: info.is_main and print(m, file=sys.stderr))
+    def warn_main(message: str) -> None:
+        if info.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    backend = engine.build_backend(backend_name, model, cfg.ds, warn=warn_main)
     device = backend.device
 
     def on_device(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -112,6 +120,12 @@ def run(args: argparse.Namespace) -> dict:
         on_device(ds.train_x, train_idx), on_device(ds.train_y, train_idx),
         on_device(ds.test_x, test_idx), on_device(ds.test_y, test_idx),
     )
+    ckpt_dir = Path(t.checkpoint.dir) if t.checkpoint.dir else out_dir / "checkpoints"
+    resume = None
+    if args.resume:
+        resume = dist.on_main_then_share(lambda: checkpoint.resolve_resume(args.resume, ckpt_dir, warn_main), info)
+        if resume is None and info.is_main:
+            print(f"no committed checkpoint in {ckpt_dir}: starting fresh", file=sys.stderr)
     reporter = tracking.Reporter(out_dir, info.is_main, args.quiet)
     reporter.write_json("config.json", cfg.to_json())
     params = models.count_params(model)
@@ -121,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
     )
 
     # 6. Train, then report.
-    result = train(backend, data, cfg, info, reporter)
+    result = train(backend, data, cfg, info, reporter, ckpt_dir, resume)
     weights = backend.model_state_dict()
     if info.is_main:
         torch.save({k: v.detach().cpu() for k, v in weights.items()}, out_dir / "model.pt")
@@ -140,6 +154,7 @@ def run(args: argparse.Namespace) -> dict:
         "versions": tracking.library_versions(),
         **tracking.git_commit(),
         "output_dir": str(out_dir),
+        "signal_exit_zero": t.checkpoint.signal_exit_zero,
     }
     reporter.write_json("summary.json", summary)
     reporter.say(
@@ -161,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as torch_dist
 
     try:
-        run(args)
+        summary = run(args)
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
@@ -175,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     if torch_dist.is_initialized():
         torch_dist.barrier()  # rank 0 may still be writing summary.json
         torch_dist.destroy_process_group()
+    if summary["stop_reason"] == "signal" and not summary["signal_exit_zero"]:
+        return 128 + signal.Signals[summary["signal"]].value  # the shell's convention: 143 = SIGTERM
     return 0
 
 

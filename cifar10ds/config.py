@@ -75,6 +75,15 @@ class EarlyStoppingConfig(_Section):
         return "max" if self.monitor.endswith("acc") else "min"
 
 
+class CheckpointConfig(_Section):
+    dir: str | None = Field(None, description="checkpoint folder (default <output dir>/checkpoints)")
+    every_epochs: int | None = Field(1, ge=1, description="save at the end of every N-th epoch (null = never)")
+    every_steps: int | None = Field(None, ge=1, description="also save every N micro steps, mid-epoch (null = never)")
+    keep_last: int = Field(2, ge=1, description="committed checkpoints kept; older ones are deleted after a new commit")
+    save_best: bool = Field(False, description="also keep the checkpoint with the best val_acc, outside keep_last")
+    signal_exit_zero: bool = Field(False, description="exit 0 after SIGTERM/SIGINT (default: 128 + signal number)")
+
+
 class TrainerConfig(_Section):
     model: str = Field("resnet9", description="registered model name (python cifar10_deepspeed.py --list-models)")
     epochs: float = Field(10, gt=0, description="epochs to train; fractions allowed (2.5 = two and a half)")
@@ -86,6 +95,10 @@ class TrainerConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss")
     data: DataConfig = Field(default_factory=DataConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    dist_timeout_s: float = Field(
+        600, gt=0, description="seconds a rank waits for the others before the run fails instead of hanging"
+    )
 
     @model_validator(mode="after")
     def _one_warmup(self) -> TrainerConfig:

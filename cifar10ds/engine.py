@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +46,14 @@ class Backend:
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The full model weights (a collective call: every rank must call it)."""
+        raise NotImplementedError
+
+    def save_checkpoint(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """Write model, optimizer, scheduler and ``client_state`` into ckpt_dir/tag (every rank calls it)."""
+        raise NotImplementedError
+
+    def load_checkpoint(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+        """Restore what save_checkpoint wrote; return its ``client_state`` (every rank calls it)."""
         raise NotImplementedError
 
     @property
@@ -116,6 +125,18 @@ class DeepSpeedBackend(Backend):
         if self.engine.zero_optimization_partition_weights():  # ZeRO-3: gather the shards
             return self.engine._zero3_consolidated_16bit_state_dict()
         return self.module.state_dict()
+
+    def save_checkpoint(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
+        # save_latest=False: the trainer's commit marker, not DeepSpeed's "latest", says what is complete.
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+
+    def load_checkpoint(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+        path, client_state = self.engine.load_checkpoint(
+            str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise ConfigError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
+        return client_state
 
     @property
     def skipped_steps(self) -> int:
@@ -261,6 +282,22 @@ class AccelerateBackend(Backend):
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         return self.accelerator.get_state_dict(self.model)
 
+    def save_checkpoint(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
+        folder = Path(ckpt_dir) / tag
+        self.accelerator.save_state(str(folder))  # model, optimizer, scaler (+ Accelerate's own RNG files)
+        if self.accelerator.is_main_process:
+            extra = {"scheduler": self.scheduler.state_dict() if self.scheduler else None, "skipped": self._skipped}
+            torch.save({"client_state": client_state, **extra}, folder / "trainer_state.pt")
+
+    def load_checkpoint(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+        folder = Path(ckpt_dir) / tag
+        self.accelerator.load_state(str(folder))
+        state = torch.load(folder / "trainer_state.pt", weights_only=True)
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self._skipped = state["skipped"]
+        return state["client_state"]
+
     @property
     def skipped_steps(self) -> int:
         return self._skipped
@@ -287,8 +324,11 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
-def init_processes(backend: str) -> None:
+def init_processes(backend: str, timeout_s: float) -> None:
     """Join the process group the launcher set up (a world of one without a launcher)."""
+    import datetime
+
+    timeout = datetime.timedelta(seconds=timeout_s)
     if backend == "deepspeed":
         import deepspeed
 
@@ -296,11 +336,11 @@ def init_processes(backend: str) -> None:
         ds_logger.setLevel(logging.WARNING)
         # DeepSpeed asks its scheduler for the lr once before the first step and warns about it.
         ds_logger.addFilter(lambda r: "before it has started" not in r.getMessage())
-        deepspeed.init_distributed()
+        deepspeed.init_distributed(timeout=timeout)
     else:
         from accelerate import PartialState
 
-        PartialState()  # initialises torch.distributed from the launcher's environment
+        PartialState(timeout=timeout)  # initialises torch.distributed from the launcher's environment
 
 
 def build_backend(name: str, model: nn.Module, ds_config: dict[str, Any], warn: Any = print) -> Backend:

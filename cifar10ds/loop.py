@@ -1,25 +1,36 @@
 """The training loop: the same for every launcher and engine.
 
-Per step it only queues work on the device (no host sync): the loss, accuracy and gradient
-norm stay tensors until the end of the epoch, where one all-reduce per epoch turns them into
-the numbers that every rank agrees on.
+Per step it only queues work on the device: the loss, accuracy and gradient norm stay tensors
+until the end of the epoch, where one all-reduce turns them into the numbers every rank agrees
+on. The only per-step collective is the stop flag (SIGTERM/SIGINT), on a CPU gloo group, so it
+never waits for the GPU.
+
+Everything a resumed run needs to continue exactly (position, the interrupted epoch's partial
+sums, the metric history) lives in ``Progress`` and rides in the checkpoint's ``client_state``.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
+import os
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from cifar10ds import checkpoint as ckpt
 from cifar10ds.batches import Augment, batches_per_epoch, eval_shard, shard_indices
 from cifar10ds.callbacks import EarlyStopping, describe_stop
 from cifar10ds.config import Config, total_micro_steps
 from cifar10ds.dist import DistInfo, all_reduce_sum, broadcast_object
 from cifar10ds.engine import Backend
+from cifar10ds.errors import ConfigError
 from cifar10ds.tracking import Reporter
 
 
@@ -33,6 +44,150 @@ class DeviceData:
     test_y: torch.Tensor
 
 
+@dataclass
+class Progress:
+    epoch: int = 0  # the epoch under way (0-based)
+    step_in_epoch: int = 0  # micro steps of it already done
+    step: int = 0  # micro steps done in the whole run
+    images: int = 0
+    train_time: float = 0.0
+    elapsed: float = 0.0  # wall time of earlier segments of this run (before a resume)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    partial: dict[str, Any] | None = None  # accumulators of the interrupted epoch
+    best_tag: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EpochSums:
+    """Per-epoch accumulators kept on the device; convertible to plain numbers for a checkpoint."""
+
+    def __init__(self, device: torch.device, partial: dict[str, Any] | None = None) -> None:
+        p = partial or {"sums": [0.0, 0.0, 0.0], "losses": [], "norms": [], "time": 0.0}
+        self.sums = torch.tensor(p["sums"], dtype=torch.float64, device=device)  # loss x count, correct, count
+        self.losses: list[torch.Tensor] = [torch.tensor(v, device=device) for v in p["losses"]]
+        self.norms: list[tuple[int, Any]] = [tuple(n) for n in p["norms"]]
+        self.time = p["time"]
+
+    def to_plain(self) -> dict[str, Any]:
+        return {"sums": self.sums.tolist(), "losses": [float(v) for v in self.losses],
+                "norms": [(s, float(n)) for s, n in self.norms], "time": self.time}
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; ``agreed()`` tells every rank whether any rank got one."""
+
+    def __init__(self, info: DistInfo, timeout_s: float) -> None:
+        self.signum = 0
+        # A CPU group: agreeing on the flag never waits for the GPU. Its timeout turns a rank
+        # that stopped answering into an error here instead of a hang.
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if info.world_size > 1 else None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signum, self._old[signum])  # a second signal acts as usual
+
+    def agreed(self) -> int:
+        if self.group is None:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag)
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+class Checkpointer:
+    """Saves through the engine, adds each rank's RNG states, commits atomically, rotates."""
+
+    def __init__(self, cfg: Config, ckpt_dir: Path, backend: Backend, info: DistInfo, augment: Augment, say: Any):
+        self.cfg = cfg.trainer.checkpoint
+        self.dir = ckpt_dir
+        self.backend = backend
+        self.info = info
+        self.augment = augment
+        self.say = say
+
+    def _barrier(self) -> None:
+        if self.info.world_size > 1:
+            dist.barrier()
+
+    def save(self, progress: Progress, client_state: dict[str, Any], reason: str) -> str:
+        tag = ckpt.tag_for(progress.step)
+        tmp = ckpt.TMP_PREFIX + tag
+        if self.info.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        self.backend.save_checkpoint(self.dir, tmp, client_state)
+        (self.dir / tmp).mkdir(parents=True, exist_ok=True)
+        # Per-rank state goes to a per-rank file: engines save client_state from rank 0 only.
+        own = {"augment": self.augment.state_dict(), "partial": progress.partial,
+               "buffers": {k: v.detach().cpu() for k, v in self.backend.module.named_buffers()}}
+        torch.save(ckpt.rng_state(own), ckpt.rng_file(self.dir / tmp, self.info.rank))
+        self._barrier()  # every rank's files are written before rank 0 commits
+        if self.info.is_main:
+            meta = {"step": progress.step, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
+                    "world_size": self.info.world_size, "reason": reason}
+            ckpt.commit(self.dir, tmp, tag, meta)
+            protect = {progress.best_tag} if progress.best_tag else set()
+            ckpt.rotate(self.dir, self.cfg.keep_last, protect | {tag})
+        self._barrier()
+        return tag
+
+    def restore(self, found: ckpt.Found) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(client_state, this rank's partial epoch sums) of checkpoint ``found``."""
+        saved_world = found.meta.get("world_size")
+        if saved_world != self.info.world_size and found.meta.get("step_in_epoch"):
+            raise ConfigError(
+                f"checkpoint {found.path} was saved mid-epoch by {saved_world} ranks and cannot continue on "
+                f"{self.info.world_size}; resume it with {saved_world} ranks, or from an end-of-epoch checkpoint"
+            )
+        client_state = self.backend.load_checkpoint(found.path.parent, found.path.name)
+        if saved_world != self.info.world_size:
+            self.say(f"warning: resuming {found.path.name} saved with world size {saved_world} on "
+                     f"{self.info.world_size} ranks: training continues, but not bit-for-bit as it would have")
+            return client_state, None
+        state = torch.load(ckpt.rng_file(found.path, self.info.rank), weights_only=True)
+        ckpt.set_rng_state(state)
+        self.augment.load_state_dict(state["augment"])
+        with torch.no_grad():  # this rank's own BatchNorm statistics, not rank 0's from the engine's file
+            for name, buf in self.backend.module.named_buffers():
+                buf.copy_(state["buffers"][name])
+        return client_state, state["partial"]
+
+
+class Fault:
+    """Fault injection for the reliability tests: ``CIFAR10DS_FAULT=kind@step[@rank]``.
+
+    After micro step ``step`` on ``rank`` (default: every rank): ``sigterm`` sends SIGTERM to
+    this process, ``sigkill`` SIGKILL, ``raise`` raises RuntimeError, ``hang`` sleeps for good.
+    """
+
+    def __init__(self, spec: str | None, rank: int) -> None:
+        self.kind, self.step = None, -1
+        if spec:
+            kind, step, *who = spec.split("@")
+            if not who or int(who[0]) == rank:
+                self.kind, self.step = kind, int(step)
+
+    def maybe(self, step: int) -> None:
+        if step != self.step:
+            return
+        if self.kind == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif self.kind == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.kind == "raise":
+            raise RuntimeError(f"injected fault at step {step}")
+        elif self.kind == "hang":
+            time.sleep(10**6)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -41,6 +196,11 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def evaluate(backend: Backend, data: DeviceData, augment: Augment, info: DistInfo, batch_size: int) -> tuple[float, float]:
     """(mean loss, accuracy) over the whole test set, each image counted once across ranks."""
+    if info.world_size > 1:
+        # BatchNorm running statistics are per rank under DeepSpeed. Evaluate one model, rank 0's
+        # (DDP's convention, and what model.pt and the checkpoints hold), on every rank.
+        for buf in backend.module.buffers():
+            dist.broadcast(buf, src=0)
     backend.train(False)
     idx, valid = eval_shard(len(data.test_y), info.world_size, info.rank)
     idx, valid = idx.to(backend.device), valid.to(backend.device)
@@ -56,8 +216,9 @@ def evaluate(backend: Backend, data: DeviceData, augment: Augment, info: DistInf
     return loss_sum / count, correct / count
 
 
-def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, reporter: Reporter) -> dict[str, Any]:
-    """Train for ``trainer.epochs`` (or until early stopping); return the run's results."""
+def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, reporter: Reporter,
+          ckpt_dir: Path, resume: ckpt.Found | None = None) -> dict[str, Any]:
+    """Train for ``trainer.epochs`` (or until early stopping or a signal); return the run's results."""
     t = cfg.trainer
     device = backend.device
     micro = cfg.ds["train_micro_batch_size_per_gpu"]
@@ -69,91 +230,153 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
     # Each rank draws its own augmentations; the seed fixes them all.
     augment = Augment(aug_cfg.crop_padding, aug_cfg.flip, aug_cfg.cutout, seed=t.seed * 1_000_003 + info.rank, device=device)
     stopper = EarlyStopping(t.early_stopping)
-
+    checkpointer = Checkpointer(cfg, ckpt_dir, backend, info, augment, reporter.say)
+    progress = Progress()
+    if resume is not None:
+        state, partial = checkpointer.restore(resume)
+        progress = Progress(**state["progress"], partial=partial)
+        stopper.load_state_dict(state["early_stopping"])
+        reporter.resume(progress.history, progress.step)
+        reporter.say(f"resumed from {resume.path} (epoch {progress.epoch + 1}, step {progress.step})")
+    else:
+        reporter.start()
+    signals = StopSignal(info, t.dist_timeout_s)
+    fault = Fault(os.environ.get("CIFAR10DS_FAULT"), info.rank)
     start = time.perf_counter()
-    train_time = 0.0
-    images = 0
-    step = 0
-    history: list[dict[str, Any]] = []
-    stop_reason = "completed"
-    for epoch in range(n_epochs):
-        steps = min(per_epoch, total_micro - epoch * per_epoch)
-        shard = shard_indices(n_train, info.world_size, info.rank, epoch, t.seed).to(device)
-        backend.train(True)
-        bar = reporter.progress(steps, f"epoch {epoch + 1}/{n_epochs}")
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x count, correct, count
-        step_losses: list[torch.Tensor] = []
-        step_norms: list[tuple[int, torch.Tensor]] = []
-        _sync(device)
-        t0 = time.perf_counter()
-        for b in range(steps):
-            idx = shard[b * micro : (b + 1) * micro]
-            y = data.train_y[idx]
-            logits = backend.forward(augment(data.train_x[idx]))
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
-            backend.backward(loss)
-            norm = backend.step()
-            step += 1
-            loss = loss.detach()
-            step_losses.append(loss)
-            if norm is not None:
-                step_norms.append((step, norm))
-            sums[0] += loss * len(y)
-            sums[1] += (logits.detach().argmax(1) == y).sum()
-            sums[2] += len(y)
+
+    def elapsed() -> float:
+        return progress.elapsed + time.perf_counter() - start
+
+    def save(reason: str) -> str:
+        progress.elapsed = elapsed()
+        shared = {k: v for k, v in progress.state_dict().items() if k != "partial"}  # partial is per rank
+        tag = checkpointer.save(progress, {"progress": shared, "early_stopping": stopper.state_dict()}, reason)
+        progress.elapsed -= time.perf_counter() - start  # keep elapsed() continuous
+        return tag
+
+    stop_reason, signum = "completed", 0
+    try:
+        while progress.epoch < n_epochs:
+            epoch = progress.epoch
+            steps = min(per_epoch, total_micro - epoch * per_epoch)
+            shard = shard_indices(n_train, info.world_size, info.rank, epoch, t.seed).to(device)
+            acc = EpochSums(device, progress.partial)
+            first_step = progress.step - progress.step_in_epoch + 1
+            backend.train(True)
+            bar = reporter.progress(steps, f"epoch {epoch + 1}/{n_epochs}", initial=progress.step_in_epoch)
+            _sync(device)
+            t0 = time.perf_counter()
+            for b in range(progress.step_in_epoch, steps):
+                idx = shard[b * micro : (b + 1) * micro]
+                y = data.train_y[idx]
+                logits = backend.forward(augment(data.train_x[idx]))
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
+                backend.backward(loss)
+                norm = backend.step()
+                progress.step += 1
+                fault.maybe(progress.step)
+                progress.step_in_epoch = b + 1
+                loss = loss.detach()
+                acc.losses.append(loss)
+                if norm is not None:
+                    acc.norms.append((progress.step, norm))
+                acc.sums[0] += loss * len(y)
+                acc.sums[1] += (logits.detach().argmax(1) == y).sum()
+                acc.sums[2] += len(y)
+                if bar is not None:
+                    bar.update()
+                    if b % 50 == 0:  # one host sync per 50 steps, for the eye only
+                        bar.set_postfix(loss=f"{loss.item():.3f}")
+                signum = signals.agreed()
+                every = t.checkpoint.every_steps
+                if signum or (every and progress.step % every == 0 and b + 1 < steps):
+                    _sync(device)
+                    now = time.perf_counter()
+                    acc.time += now - t0
+                    progress.train_time += now - t0
+                    progress.partial = acc.to_plain()
+                    if signum:
+                        break
+                    save("every_steps")
+                    t0 = time.perf_counter()  # time spent saving is not training time
             if bar is not None:
-                bar.update()
-                if b % 50 == 0:  # one host sync per 50 steps, for the eye only
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
-        _sync(device)
-        epoch_time = time.perf_counter() - t0
-        train_time += epoch_time
-        if bar is not None:
-            bar.close()
+                bar.close()
+            if signum:
+                tag = save("signal")
+                reporter.say(f"stopped by signal {signal.Signals(signum).name} at step {progress.step}; "
+                             f"checkpoint {ckpt_dir / tag}; resume with --resume auto --output-dir {reporter.out_dir}")
+                stop_reason = "signal"
+                break
+            _sync(device)
+            now = time.perf_counter()
+            acc.time += now - t0
+            progress.train_time += now - t0
+            m = _finish_epoch(backend, data, cfg, info, augment, acc, progress, epoch, steps, per_epoch, first_step,
+                              acc.time, elapsed)
+            reporter.epoch(m, n_epochs, m.pop("_steps"))
+            progress.history.append(m)
+            progress.epoch, progress.step_in_epoch, progress.partial = epoch + 1, 0, None
+            # Metrics are identical on every rank after the all-reduce, but the clock is not:
+            # rank 0 decides and every rank follows.
+            stop, reason = broadcast_object(stopper.update(m, m["elapsed_s"]))
+            stop = stop and progress.epoch < n_epochs
+            best = max(h["val_acc"] for h in progress.history) == m["val_acc"]
+            every = t.checkpoint.every_epochs
+            if t.checkpoint.save_best and best:
+                progress.best_tag = ckpt.tag_for(progress.step)
+                save("best")
+            elif every and (progress.epoch % every == 0 or stop or progress.epoch == n_epochs):
+                save("epoch")
+            if stop:
+                stop_reason = reason
+                reporter.say(describe_stop(reason, t.early_stopping, m, progress.epoch))
+                break
+    finally:
+        signals.restore()
 
-        loss_sum, correct, count = all_reduce_sum(sums).tolist()
-        losses = all_reduce_sum(torch.stack(step_losses).double()) / info.world_size
-        images += int(count)
-        val_loss, val_acc = evaluate(backend, data, augment, info, t.data.eval_batch_size)
-        norms = [float(n) for _, n in step_norms]
-        first_step = step - steps + 1
-        steps_rows = [{"step": first_step + i, "epoch": epoch + 1, "loss": float(v)} for i, v in enumerate(losses)]
-        for s, n in step_norms:
-            steps_rows[s - first_step]["grad_norm"] = float(n)
-        m = {
-            "epoch": epoch + 1,
-            "epoch_fraction": steps / per_epoch,
-            "step": step,
-            "train_loss": loss_sum / count,
-            "train_acc": correct / count,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": backend.lr(),
-            "grad_norm": sum(norms) / len(norms) if norms else None,
-            "grad_norm_max": max(norms) if norms else None,
-            "epoch_time_s": epoch_time,
-            "elapsed_s": time.perf_counter() - start,
-            "skipped_steps": backend.skipped_steps,
-        }
-        history.append(m)
-        reporter.epoch(m, n_epochs, steps_rows)
-        # Metrics are identical on every rank after the all-reduce, but the clock is not:
-        # rank 0 decides and every rank follows.
-        stop, reason = broadcast_object(stopper.update(m, m["elapsed_s"]))
-        if stop and epoch + 1 < n_epochs:
-            stop_reason = reason
-            reporter.say(describe_stop(reason, t.early_stopping, m, epoch + 1))
-            break
-
-    best = max(history, key=lambda h: h["val_acc"])
+    history = progress.history
+    best = max(history, key=lambda h: h["val_acc"]) if history else None
     return {
-        "final_val_acc": history[-1]["val_acc"],
-        "best_val_acc": best["val_acc"],
-        "best_epoch": best["epoch"],
+        "final_val_acc": history[-1]["val_acc"] if history else None,
+        "best_val_acc": best["val_acc"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
         "epochs_run": round(sum(h["epoch_fraction"] for h in history), 6),
-        "steps": step,
+        "steps": progress.step,
         "stopped_early": stop_reason != "completed",
         "stop_reason": stop_reason,
-        "train_time_s": train_time,
-        "train_images_per_s": images / train_time if train_time > 0 else None,
+        "signal": signal.Signals(signum).name if signum else None,
+        "train_time_s": progress.train_time,
+        "train_images_per_s": progress.images / progress.train_time if progress.train_time > 0 and progress.images else None,
+        "resumed_from": str(resume.path) if resume else None,
+        "best_checkpoint": str(ckpt_dir / progress.best_tag) if progress.best_tag else None,
+    }
+
+
+def _finish_epoch(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, augment: Augment, acc: EpochSums,
+                  progress: Progress, epoch: int, steps: int, per_epoch: int, first_step: int, epoch_time: float,
+                  elapsed: Any) -> dict[str, Any]:
+    """Reduce the epoch's sums across ranks, evaluate, and build its metrics row (+ its step rows)."""
+    loss_sum, correct, count = all_reduce_sum(acc.sums).tolist()
+    losses = all_reduce_sum(torch.stack(acc.losses).double()) / info.world_size
+    progress.images += int(count)
+    val_loss, val_acc = evaluate(backend, data, augment, info, cfg.trainer.data.eval_batch_size)
+    norms = [float(n) for _, n in acc.norms]
+    rows = [{"step": first_step + i, "epoch": epoch + 1, "loss": float(v)} for i, v in enumerate(losses)]
+    for s, n in acc.norms:
+        rows[s - first_step]["grad_norm"] = float(n)
+    return {
+        "epoch": epoch + 1,
+        "epoch_fraction": steps / per_epoch,
+        "step": progress.step,
+        "train_loss": loss_sum / count,
+        "train_acc": correct / count,
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "lr": backend.lr(),
+        "grad_norm": sum(norms) / len(norms) if norms else None,
+        "grad_norm_max": max(norms) if norms else None,
+        "epoch_time_s": epoch_time,
+        "elapsed_s": elapsed(),
+        "skipped_steps": backend.skipped_steps,
+        "_steps": rows,
     }

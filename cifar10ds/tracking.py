@@ -40,9 +40,23 @@ class Reporter:
         self.out_dir = Path(out_dir)
         self.is_main = is_main
         self.quiet = quiet
-        if is_main:
+
+    def start(self) -> None:
+        """A fresh run: empty metric files."""
+        if self.is_main:
             for name in ("metrics.jsonl", "steps.jsonl"):
                 (self.out_dir / name).write_text("")
+
+    def resume(self, history: list[dict[str, Any]], step: int) -> None:
+        """A resumed run: the metric files hold exactly what the checkpoint had seen, no more."""
+        if not self.is_main:
+            return
+        (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        steps_file = self.out_dir / "steps.jsonl"
+        kept = []
+        if steps_file.is_file():
+            kept = [line for line in steps_file.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        steps_file.write_text("".join(line + "\n" for line in kept))
 
     def say(self, line: str) -> None:
         if self.is_main and not self.quiet:
@@ -59,13 +73,13 @@ class Reporter:
             with open(self.out_dir / name, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
-    def progress(self, total: int, desc: str) -> Any | None:
+    def progress(self, total: int, desc: str, initial: int = 0) -> Any | None:
         """A tqdm bar within the epoch, only on the main rank of an interactive terminal."""
         if not self.is_main or self.quiet or not sys.stderr.isatty():
             return None
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+        return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
     def epoch(self, m: dict[str, Any], total_epochs: int, steps: list[dict[str, Any]]) -> None:
         self.append_jsonl("metrics.jsonl", [m])

@@ -105,7 +105,23 @@ def run_bounded(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) 
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-3000:]}\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    done.pgid = proc.pid  # the session's process group: empty once everything it started is gone
+    return done
+
+
+def processes_left(pgid: int, wait_s: float = 10) -> bool:
+    """Whether any process of group ``pgid`` is still alive after ``wait_s`` seconds."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def run_cli(args: list[str], tmp: Path, timeout: float = 180, launcher: list[str] | None = None,

@@ -1,0 +1,161 @@
+"""Faults as a user meets them: signals, dead or stuck ranks, broken checkpoints. Every run is bounded."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, SCRIPT, cli_env, deepspeed_launcher, free_port, processes_left, run_cli, tiny_dataset
+
+pytestmark = pytest.mark.slow
+
+CONFIG = {
+    "train_batch_size": 20,
+    "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}},
+    "scheduler": {"type": "WarmupCosineLR",
+                  "params": {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_type": "linear"}},
+    "trainer": {"model": "bn_cnn", "epochs": 4, "warmup_fraction": 0.1, "dist_timeout_s": 20,
+                "data": {"download": False, "augmentation": {"crop_padding": 2, "flip": True, "cutout": 4}}},
+}
+SAME = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm", "grad_norm_max")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("data"))  # 200 train images: 10 steps per epoch at batch 20
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(CONFIG))
+    return path
+
+
+def launch(tmp_path, config, data, out, *extra, fault=None, ranks=1, timeout=240):
+    env_fault = {"CIFAR10DS_FAULT": fault} if fault else {}
+    launcher = deepspeed_launcher(ranks, free_port()) if ranks > 1 else None
+    args = ["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out), "--quiet", *extra]
+    os.environ.update(env_fault)
+    try:
+        return run_cli(args, tmp_path, timeout=timeout, launcher=launcher)
+    finally:
+        for k in env_fault:
+            os.environ.pop(k, None)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a, b):
+    ma, mb = metrics(a), metrics(b)
+    assert len(ma) == len(mb) == 4
+    for x, y in zip(ma, mb):
+        assert {k: x[k] for k in SAME} == {k: y[k] for k in SAME}
+    sa, sb = torch.load(a / "model.pt", weights_only=True), torch.load(b / "model.pt", weights_only=True)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    steps_a, steps_b = (a / "steps.jsonl").read_text(), (b / "steps.jsonl").read_text()
+    assert steps_a == steps_b and len(steps_a.splitlines()) == 40
+
+
+@pytest.mark.parametrize("ranks, fault, stop_step, in_epoch", [
+    (1, "sigterm@25", 25, 5),  # mid-epoch 3
+    (1, "sigterm@20", 20, 10),  # the last step of epoch 2, before its evaluation
+    (2, "sigterm@25@1", 25, 5),  # only rank 1 gets the signal: both stop at the same step
+])
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, config, data, ranks, fault, stop_step, in_epoch):
+    straight = tmp_path / "straight"
+    assert launch(tmp_path, config, data, straight, ranks=ranks).returncode == 0
+    out = tmp_path / "interrupted"
+    r = launch(tmp_path, config, data, out, fault=fault, ranks=ranks)
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["stop_reason"], summary["signal"], summary["steps"]) == ("signal", "SIGTERM", stop_step)
+    (tag,) = [p for p in (out / "checkpoints").iterdir() if p.name == f"step{stop_step:08d}"]
+    meta = json.loads((tag / "COMMITTED.json").read_text())
+    assert (meta["step_in_epoch"], meta["reason"], meta["world_size"]) == (in_epoch, "signal", ranks)
+    assert {f"rng_rank{r}.pt" for r in range(ranks)} <= set(meta["files"])
+    r = launch(tmp_path, config, data, out, "--resume", "auto", ranks=ranks)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] == str(tag)
+    assert_same_run(straight, out)
+
+
+def test_external_sigterm_saves_and_exits_143(tmp_path, config, data):
+    """SIGTERM from outside, as a scheduler sends it, mid-run."""
+    cfg = json.loads(config.read_text())
+    cfg["trainer"]["epochs"] = 200
+    config.write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--deepspeed_config", str(config), "--data-dir", str(data),
+                             "--output-dir", str(out)], cwd=ROOT, env=cli_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    watchdog = threading.Timer(180, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith("Epoch [2/200]"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        stdout, stderr = proc.communicate()
+    finally:
+        watchdog.cancel()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "stopped by signal SIGTERM" in stdout and "--resume auto" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "signal" and 20 <= summary["steps"] < 2000
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out), "--resume", "auto",
+                 "--quiet", "--set", "trainer.early_stopping.target=0.01"], tmp_path)
+    assert r.returncode == 0 and json.loads((out / "summary.json").read_text())["resumed_from"]
+
+
+
+@pytest.mark.parametrize("fault, expect", [
+    ("raise@5@1", "RuntimeError: injected fault at step 5"),
+    # Whichever the launcher sees first: rank 1's -9, or rank 0 failing on the closed connection.
+    ("sigkill@5@1", "exits with return code = "),
+    ("hang@5@1", "exits with return code"),  # rank 0 times out waiting for rank 1 (dist_timeout_s=20)
+])
+def test_a_failing_rank_ends_the_whole_job(tmp_path, config, data, fault, expect):
+    start = time.monotonic()
+    r = launch(tmp_path, config, data, tmp_path / "out", fault=fault, ranks=2, timeout=120)
+    took = time.monotonic() - start
+    assert r.returncode != 0
+    assert took < 90  # launch + JIT-cached start-up + at most the 20 s timeout
+    text = r.stdout + r.stderr
+    assert expect in text
+    assert "--local_rank=" in text  # the launcher names the rank that ended the job
+    assert not (tmp_path / "out" / "summary.json").exists()
+    assert not processes_left(r.pgid)  # no rank left running
+
+
+def test_resume_errors(tmp_path, config, data):
+    out = tmp_path / "out"
+    r = launch(tmp_path, config, data, out, "--resume", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "config error: checkpoint" in r.stderr and "missing does not exist" in r.stderr
+    r = launch(tmp_path, config, data, out, "--resume", "auto", "--set", "trainer.epochs=2")
+    assert r.returncode == 0 and "no committed checkpoint" in r.stderr
+    ckpts = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["step00000010", "step00000020"]
+    newest = ckpts[-1] / "mp_rank_00_model_states.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    r = launch(tmp_path, config, data, out, "--resume", str(ckpts[-1]), "--set", "trainer.epochs=2")
+    assert r.returncode == 2 and "mp_rank_00_model_states.pt is corrupt" in r.stderr and "Traceback" not in r.stderr
+    r = launch(tmp_path, config, data, out, "--resume", "auto", "--set", "trainer.epochs=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "falling back to an older checkpoint" in r.stderr
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step00000010")
+
+
+def test_bad_config_writes_no_checkpoint(tmp_path, config, data):
+    out = tmp_path / "out"
+    r = launch(tmp_path, config, data, out, "--set", "trainer.checkpoint.keep_last=0")
+    assert r.returncode == 2 and "trainer.checkpoint.keep_last: Input should be greater than or equal to 1" in r.stderr
+    assert not (out / "checkpoints").exists()
