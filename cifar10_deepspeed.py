@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     dist.set_single_process_defaults()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        dist.share_cpu_threads()
     engine.init_processes(backend_name, t.dist_timeout_s)
     info = dist.env_info()
     cfg.ds = config_mod.resolve_batch_sizes(cfg.ds, info.world_size)
