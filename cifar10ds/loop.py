@@ -87,8 +87,11 @@ class StopSignal:
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        signal.signal(signum, self._old[signum])  # a second signal acts as usual
+        self.signum = self.signum or signum
+        # A second Ctrl-C acts as usual. SIGTERM often comes twice (the job's process group, then
+        # the launcher forwarding it): it only ever sets the flag, so the save is not cut short.
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._old[signum])
 
     def agreed(self) -> int:
         if self.group is None:

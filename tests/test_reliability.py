@@ -159,3 +159,32 @@ def test_bad_config_writes_no_checkpoint(tmp_path, config, data):
     r = launch(tmp_path, config, data, out, "--set", "trainer.checkpoint.keep_last=0")
     assert r.returncode == 2 and "trainer.checkpoint.keep_last: Input should be greater than or equal to 1" in r.stderr
     assert not (out / "checkpoints").exists()
+
+
+def test_sigterm_to_the_deepspeed_job_saves_on_every_rank(tmp_path, config, data):
+    """What a scheduler or Ctrl-C does: signal the job's whole process group. Ranks get SIGTERM twice
+    (from the group, then forwarded by the launcher); the second must not cut the save short."""
+    cfg = json.loads(config.read_text())
+    cfg["trainer"]["epochs"] = 200
+    config.write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    cmd = deepspeed_launcher(2, free_port()) + [str(SCRIPT), "--deepspeed_config", str(config), "--data-dir", str(data),
+                                                "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    watchdog = threading.Timer(240, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith("Epoch [2/200]"):
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+        proc.communicate()
+    finally:
+        watchdog.cancel()
+    assert not processes_left(proc.pid, wait_s=60)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["stop_reason"], summary["world_size"]) == ("signal", 2)
+    tag = out / "checkpoints" / f"step{summary['steps']:08d}"
+    meta = json.loads((tag / "COMMITTED.json").read_text())
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(meta["files"]) and meta["reason"] == "signal"
