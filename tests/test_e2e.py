@@ -211,7 +211,7 @@ def test_progress_bar_only_on_a_terminal(tmp_path, data, config):
     assert proc.wait(timeout=120) == 0
     os.close(master)
     screen = b"".join(chunks).decode(errors="replace")
-    assert "epoch 1/1" in screen and "10/10" in screen
+    assert "epoch 1/1" in screen and "/10 [" in screen  # tqdm may skip repainting the last step
     r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(tmp_path / "o2"),
                  "--set", "trainer.epochs=1"], tmp_path)
-    assert "epoch 1/1" not in r.stderr and "10/10" not in r.stderr
+    assert "epoch 1/1" not in r.stderr and "/10 [" not in r.stderr
