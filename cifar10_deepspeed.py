@@ -158,10 +158,13 @@ def run(args: argparse.Namespace) -> dict:
         "signal_exit_zero": t.checkpoint.signal_exit_zero,
     }
     reporter.write_json("summary.json", summary)
-    reporter.say(
-        f"done: final val_acc {100 * summary['final_val_acc']:.2f}% (best {100 * summary['best_val_acc']:.2f}% "
-        f"at epoch {summary['best_epoch']}), train {summary['train_time_s']:.1f}s, {out_dir}/summary.json"
-    )
+    if summary["final_val_acc"] is None:  # stopped before the first epoch ended
+        reporter.say(f"done: no epoch finished ({summary['steps']} steps), {out_dir}/summary.json")
+    else:
+        reporter.say(
+            f"done: final val_acc {100 * summary['final_val_acc']:.2f}% (best {100 * summary['best_val_acc']:.2f}% "
+            f"at epoch {summary['best_epoch']}), train {summary['train_time_s']:.1f}s, {out_dir}/summary.json"
+        )
     return summary
 
 

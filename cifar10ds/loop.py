@@ -167,8 +167,8 @@ class Checkpointer:
 class Fault:
     """Fault injection for the reliability tests: ``CIFAR10DS_FAULT=kind@step[@rank]``.
 
-    After micro step ``step`` on ``rank`` (default: every rank): ``sigterm`` sends SIGTERM to
-    this process, ``sigkill`` SIGKILL, ``raise`` raises RuntimeError, ``hang`` sleeps for good.
+    After micro step ``step`` on ``rank`` (default: every rank): ``sigterm``/``sigint`` send that
+    signal to this process, ``sigkill`` SIGKILL, ``raise`` raises RuntimeError, ``hang`` sleeps for good.
     """
 
     def __init__(self, spec: str | None, rank: int) -> None:
@@ -181,8 +181,8 @@ class Fault:
     def maybe(self, step: int) -> None:
         if step != self.step:
             return
-        if self.kind == "sigterm":
-            os.kill(os.getpid(), signal.SIGTERM)
+        if self.kind in ("sigterm", "sigint"):
+            os.kill(os.getpid(), signal.SIGTERM if self.kind == "sigterm" else signal.SIGINT)
         elif self.kind == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.kind == "raise":

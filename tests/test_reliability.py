@@ -188,3 +188,16 @@ def test_sigterm_to_the_deepspeed_job_saves_on_every_rank(tmp_path, config, data
     tag = out / "checkpoints" / f"step{summary['steps']:08d}"
     meta = json.loads((tag / "COMMITTED.json").read_text())
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(meta["files"]) and meta["reason"] == "signal"
+
+
+@pytest.mark.parametrize("fault, extra, code", [
+    ("sigint@5", [], 130),
+    ("sigterm@5", ["--set", "trainer.checkpoint.signal_exit_zero=true"], 0),
+])
+def test_signal_exit_codes(tmp_path, config, data, fault, extra, code):
+    out = tmp_path / "out"
+    r = launch(tmp_path, config, data, out, *extra, fault=fault)
+    assert r.returncode == code, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["stop_reason"], summary["steps"]) == ("signal", 5)
+    assert (out / "checkpoints" / "step00000005" / "COMMITTED.json").is_file()
