@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> dict:
         resume = dist.on_main_then_share(lambda: checkpoint.resolve_resume(args.resume, ckpt_dir, warn_main), info)
         if resume is None and info.is_main:
             print(f"no committed checkpoint in {ckpt_dir}: starting fresh", file=sys.stderr)
-    reporter = tracking.Reporter(out_dir, info.is_main, args.quiet)
+    wandb = tracking.WandbLogger(cfg.ds.get("wandb"), info.is_main, out_dir, warn_main)
+    reporter = tracking.Reporter(out_dir, info.is_main, args.quiet, wandb, run_config=cfg.to_json())
     reporter.write_json("config.json", cfg.to_json())
     params = models.count_params(model)
     reporter.say(
@@ -158,6 +159,7 @@ def run(args: argparse.Namespace) -> dict:
         "signal_exit_zero": t.checkpoint.signal_exit_zero,
     }
     reporter.write_json("summary.json", summary)
+    wandb.finish(summary)
     if summary["final_val_acc"] is None:  # stopped before the first epoch ended
         reporter.say(f"done: no epoch finished ({summary['steps']} steps), {out_dir}/summary.json")
     else:

@@ -82,6 +82,9 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         check_precision(ds_config)
+        # The trainer logs to wandb itself (rank 0, failures never fatal); DeepSpeed's monitor on the
+        # same block would open a second run and can stop training when wandb fails.
+        ds_config = {k: v for k, v in ds_config.items() if k != "wandb"}
         try:
             engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
         except deepspeed.runtime.config_utils.DeepSpeedConfigError as e:

@@ -55,6 +55,7 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     partial: dict[str, Any] | None = None  # accumulators of the interrupted epoch
     best_tag: str | None = None
+    wandb_id: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,10 +240,11 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
         state, partial = checkpointer.restore(resume)
         progress = Progress(**state["progress"], partial=partial)
         stopper.load_state_dict(state["early_stopping"])
-        reporter.resume(progress.history, progress.step)
+        reporter.resume(progress.history, progress.step, progress.wandb_id)
         reporter.say(f"resumed from {resume.path} (epoch {progress.epoch + 1}, step {progress.step})")
     else:
         reporter.start()
+    progress.wandb_id = reporter.wandb_id
     signals = StopSignal(info, t.dist_timeout_s)
     fault = Fault(os.environ.get("CIFAR10DS_FAULT"), info.rank)
     start = time.perf_counter()

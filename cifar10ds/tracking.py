@@ -36,19 +36,25 @@ def prepare_output_dir(path: Path) -> str:
 
 
 class Reporter:
-    def __init__(self, out_dir: str | Path, is_main: bool, quiet: bool = False) -> None:
+    def __init__(self, out_dir: str | Path, is_main: bool, quiet: bool = False, wandb: WandbLogger | None = None,
+                 run_config: dict[str, Any] | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.is_main = is_main
         self.quiet = quiet
+        self.wandb = wandb or WandbLogger(None, False, self.out_dir, print)
+        self.run_config = run_config or {}
+        self.wandb_id: str | None = None
 
     def start(self) -> None:
         """A fresh run: empty metric files."""
         if self.is_main:
             for name in ("metrics.jsonl", "steps.jsonl"):
                 (self.out_dir / name).write_text("")
+        self.wandb_id = self.wandb.start(self.run_config, self.out_dir.name)
 
-    def resume(self, history: list[dict[str, Any]], step: int) -> None:
+    def resume(self, history: list[dict[str, Any]], step: int, wandb_id: str | None = None) -> None:
         """A resumed run: the metric files hold exactly what the checkpoint had seen, no more."""
+        self.wandb_id = self.wandb.start(self.run_config, self.out_dir.name, wandb_id)
         if not self.is_main:
             return
         (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -84,6 +90,7 @@ class Reporter:
     def epoch(self, m: dict[str, Any], total_epochs: int, steps: list[dict[str, Any]]) -> None:
         self.append_jsonl("metrics.jsonl", [m])
         self.append_jsonl("steps.jsonl", steps)
+        self.wandb.log(m, steps)
         gn = "n/a" if m["grad_norm"] is None else f"{m['grad_norm']:.3g}"
         self.say(
             f"Epoch [{m['epoch']}/{total_epochs}] loss {m['train_loss']:.4f} val_acc {100 * m['val_acc']:.2f}% "
@@ -128,3 +135,71 @@ def library_versions() -> dict[str, str]:
     if torch.version.cuda:
         out["cuda"] = torch.version.cuda
     return out
+
+
+class WandbLogger:
+    """wandb on the main rank, configured by DeepSpeed's own ``"wandb"`` block
+    (``enabled``, ``project``, ``group``, ``team``).
+
+    Never required for a run to succeed: with ``enabled: false`` wandb is not even imported; any
+    failure (no API key, no network, a crash inside wandb) prints one warning and logging stops,
+    while training goes on. ``WANDB_MODE=offline`` works without an account.
+    """
+
+    def __init__(self, block: dict[str, Any] | None, is_main: bool, out_dir: Path, warn: Any) -> None:
+        self.block = block or {}
+        self.enabled = bool(is_main and self.block.get("enabled"))
+        self.out_dir = out_dir
+        self.warn = warn
+        self.run: Any = None
+
+    def _fail(self, what: str, error: BaseException) -> None:
+        self.warn(f"warning: wandb {what} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                  "training continues without wandb")
+        self.run = None
+        self.enabled = False
+
+    def start(self, config: dict[str, Any], name: str, run_id: str | None = None) -> str | None:
+        """Start (or, with ``run_id``, continue) the run; return its id for the checkpoint."""
+        if not self.enabled:
+            return None
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                project=self.block.get("project") or "cifar10-deepspeed",
+                group=self.block.get("group"),
+                entity=self.block.get("team"),
+                name=name,
+                id=run_id,
+                resume="allow" if run_id else None,
+                dir=str(self.out_dir),
+                config=config,
+            )
+            return self.run.id
+        except Exception as e:  # wandb raises many kinds; none may stop training
+            self._fail("init", e)
+            return None
+
+    def log(self, epoch_row: dict[str, Any], step_rows: list[dict[str, Any]]) -> None:
+        if self.run is None:
+            return
+        try:
+            for row in step_rows:
+                data = {"train/step_loss": row["loss"]}
+                if "grad_norm" in row:
+                    data["train/grad_norm"] = row["grad_norm"]
+                self.run.log(data, step=row["step"])
+            self.run.log({f"epoch/{k}": v for k, v in epoch_row.items() if isinstance(v, (int, float))},
+                         step=epoch_row["step"])
+        except Exception as e:
+            self._fail("log", e)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+            self.run.finish()
+        except Exception as e:
+            self._fail("finish", e)

@@ -39,7 +39,8 @@ The resolved file is saved as `config.json` in the run's output folder.
 | `scheduler` | object | `{"type": ..., "params": {...}}`, type one of {schedulers}; `"auto"` step counts are filled from epochs, warmup and steps per epoch |
 | `gradient_clipping` | number >= 0 | clip the global gradient norm to this value (0 = off); absent: DeepSpeed's default, 1.0, written into the resolved config |
 | `fp16` / `bf16` | `{"enabled": bool, ...}` | precision; at most one enabled; neither = fp32. BatchNorm always computes in fp32 |
-| `zero_optimization`, `wandb`, `steps_per_print`, ... | | passed to DeepSpeed as they are: see DeepSpeed's configuration documentation |
+| `wandb` | `{"enabled", "project", "group", "team"}` | read by the trainer, which logs to wandb from rank 0 (not passed to DeepSpeed's monitor) |
+| `zero_optimization`, `steps_per_print`, ... | | passed to DeepSpeed as they are: see DeepSpeed's configuration documentation |
 
 A batch size that does not divide across the ranks, fp16 and bf16 together, a warmup not shorter than the
 run, or a precision the device cannot run stop the run before any work with one line naming the key.

@@ -91,14 +91,15 @@ def png_bytes(img: np.ndarray) -> bytes:
 
 def cli_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(CIFAR10DS_CACHE=str(tmp / "cache"), WANDB_MODE="offline", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env.update(CIFAR10DS_CACHE=str(tmp / "cache"), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env.setdefault("WANDB_MODE", "offline")  # never the network, unless a test asks otherwise
     return env
 
 
 def run_bounded(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group; on timeout kill the whole group and fail."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -163,3 +164,33 @@ def free_port() -> int:
 def accelerate_launcher(n: int, port: int) -> list[str]:
     return [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", f"--num_processes={n}",
             f"--main_process_port={port}"]
+
+
+def wandb_records(run_file: Path) -> list:
+    """The protobuf records of an offline run's ``run-<id>.wandb`` file.
+
+    The file is a 7-byte ``:W&B`` header followed by LevelDB-log records (32 KiB blocks; each chunk
+    has a 4-byte checksum, a 2-byte length and a 1-byte type: 1 full, 2 first, 3 middle, 4 last).
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pos, pending, block = [], 7, b"", 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if kind == 0:  # zero padding up to the next block
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+            pending = b""
+    return records
