@@ -28,6 +28,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -188,9 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"{prefix}{e.kind}: {e}", file=sys.stderr, flush=True)
         if torch_dist.is_initialized():
-            # Every rank stops here together; skip interpreter teardown, where gloo aborts
-            # ("terminate called without an active exception") once a peer has already left.
+            # User errors after start-up are raised on every rank at the same point: meet once so
+            # that each rank's line is out before the launcher kills the slower ones (a rank that
+            # erred alone gives up after 10 s), then skip interpreter teardown, where gloo aborts
+            # ("terminate called without an active exception") once a peer has left.
             sys.stdout.flush()
+            threading.Timer(10, os._exit, args=(EXIT_USER_ERROR,)).start()
+            try:
+                torch_dist.barrier()
+            except Exception:
+                pass
             os._exit(EXIT_USER_ERROR)
         return EXIT_USER_ERROR
     if torch_dist.is_initialized():
