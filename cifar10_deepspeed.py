@@ -40,17 +40,22 @@ from cifar10ds.errors import EXIT_USER_ERROR, UserError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None, metavar="PATH")
-    p.add_argument("--data-dir", default=None, metavar="PATH")
-    p.add_argument("--output-dir", default=None, metavar="DIR")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None, metavar="PATH",
+                   help="the config: DeepSpeed's keys + a \"trainer\" section (default: ./ds_config.json, "
+                        "else the one next to this script)")
+    p.add_argument("--data-dir", default=None, metavar="PATH",
+                   help="CIFAR-10 as a folder or .tar.gz (official batches or train/<class>/ image folders)")
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="where config.json, metrics.jsonl, summary.json, checkpoints/ go (default runs/<UTC time>-<model>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config key by its dotted path; VALUE is parsed as JSON when it can be (repeatable)")
     p.add_argument("--backend", choices=("auto", "deepspeed", "accelerate"), default="auto",
                    help="auto: accelerate under `accelerate launch` or without DeepSpeed installed, else deepspeed")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="auto: the newest committed checkpoint in the output dir (fresh start if none); "
                         "PATH: that checkpoint (or checkpoints folder), which must be intact")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--list-models", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines, no progress bar")
+    p.add_argument("--list-models", action="store_true", help="print the registered models and their parameter counts")
     # Added by the deepspeed launcher; rank comes from the environment instead.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -78,9 +83,15 @@ def run(args: argparse.Namespace) -> dict:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         dist.share_cpu_threads()
-    engine.init_processes(backend_name, t.dist_timeout_s)
     info = dist.env_info()
+    if torch.cuda.is_available():  # before the first collective: NCCL needs each rank on its own GPU
+        torch.cuda.set_device(info.local_rank)
+    engine.init_processes(backend_name, t.dist_timeout_s)
     cfg.ds = config_mod.resolve_batch_sizes(cfg.ds, info.world_size)
+
+    if args.resume == "auto" and not (args.output_dir or t.checkpoint.dir):
+        raise config_mod.ConfigError("--resume auto looks for checkpoints in the output dir: pass --output-dir DIR "
+                                     "(the one the run to continue used), or --resume PATH")
 
     # 3. Output folder and data: prepared once on rank 0, the outcome shared with all ranks.
     out_dir = Path(args.output_dir) if args.output_dir else tracking.default_output_dir(t.model)
@@ -112,6 +123,7 @@ def run(args: argparse.Namespace) -> dict:
         if info.is_main:
             print(message, file=sys.stderr, flush=True)
 
+    params = models.count_params(model)  # before the engine: ZeRO-3 partitions the parameters
     backend = engine.build_backend(backend_name, model, cfg.ds, warn=warn_main)
     device = backend.device
 
@@ -123,6 +135,17 @@ def run(args: argparse.Namespace) -> dict:
         on_device(ds.test_x, test_idx), on_device(ds.test_y, test_idx),
     )
     ckpt_dir = Path(t.checkpoint.dir) if t.checkpoint.dir else out_dir / "checkpoints"
+
+    def check_checkpoint_dir() -> None:
+        if not args.resume and checkpoint.committed(ckpt_dir):
+            raise config_mod.ConfigError(
+                f"{ckpt_dir} already holds checkpoints of an earlier run: continue it with --resume auto, "
+                "or start this run in another --output-dir"
+            )
+        if t.checkpoint.every_epochs or t.checkpoint.every_steps or t.checkpoint.save_best:
+            tracking.prepare_output_dir(ckpt_dir)
+
+    dist.on_main_then_share(check_checkpoint_dir, info)
     resume = None
     if args.resume:
         resume = dist.on_main_then_share(lambda: checkpoint.resolve_resume(args.resume, ckpt_dir, warn_main), info)
@@ -131,7 +154,6 @@ def run(args: argparse.Namespace) -> dict:
     wandb = tracking.WandbLogger(cfg.ds.get("wandb"), info.is_main, out_dir, warn_main)
     reporter = tracking.Reporter(out_dir, info.is_main, args.quiet, wandb, run_config=cfg.to_json())
     reporter.write_json("config.json", cfg.to_json())
-    params = models.count_params(model)
     reporter.say(
         f"{t.model} ({params:,} params) | {cfg.precision} | world size {info.world_size} on {device} | "
         f"{n_train} train / {len(data.test_y)} test images | batch {cfg.ds['train_batch_size']} | out {out_dir}"
@@ -141,7 +163,9 @@ def run(args: argparse.Namespace) -> dict:
     result = train(backend, data, cfg, info, reporter, ckpt_dir, resume)
     weights = backend.model_state_dict()
     if info.is_main:
-        torch.save({k: v.detach().cpu() for k, v in weights.items()}, out_dir / "model.pt")
+        # fp32 whatever the training precision, so the file loads into a fresh model as is
+        torch.save({k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+                    for k, v in weights.items()}, out_dir / "model.pt")
     summary = {
         **result,
         "total_time_s": time.perf_counter() - started,

@@ -21,7 +21,9 @@ STD = (0.2470, 0.2435, 0.2616)
 def shard_indices(n: int, world_size: int, rank: int, epoch: int, seed: int, shuffle: bool = True) -> torch.Tensor:
     """This rank's sample indices for ``epoch`` (DistributedSampler semantics, drop_last=False)."""
     if shuffle:
-        g = torch.Generator().manual_seed(seed + epoch)
+        # DistributedSampler seeds with seed + epoch, which makes seed s at epoch e+1 replay seed s+1 at
+        # epoch e; spreading the seeds apart keeps the data orders of different seeds unrelated.
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=g)
     else:
         order = torch.arange(n)

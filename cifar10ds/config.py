@@ -229,10 +229,18 @@ def check_deepspeed_keys(ds: dict[str, Any], path: Path | str) -> None:
     clip = ds.get("gradient_clipping", 0.0)
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
         raise ConfigError(f"{path}: gradient_clipping must be a number >= 0 (0 = off), got {clip!r}")
+    for section in ("wandb", "zero_optimization"):
+        if not isinstance(ds.get(section, {}), dict):
+            raise ConfigError(f"{path}: {section} must be an object (got {ds[section]!r})")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3 (got {stage!r})")
     opt = ds.get("optimizer")
-    if opt is not None and not (isinstance(opt, dict) and isinstance(opt.get("type"), str)):
+    if opt is None:
+        raise ConfigError(f'{path}: an "optimizer" is required, e.g. {{"type": "SGD", "params": {{"lr": 0.01, "momentum": 0.9}}}}')
+    if not (isinstance(opt, dict) and isinstance(opt.get("type"), str)):
         raise ConfigError(f'{path}: optimizer must be an object like {{"type": "SGD", "params": {{"lr": 0.01}}}}')
-    if opt is not None and not isinstance(opt.get("params", {}), dict):
+    if not isinstance(opt.get("params", {}), dict):
         raise ConfigError(f"{path}: optimizer.params must be an object")
     sched = ds.get("scheduler")
     if sched is not None:
@@ -288,10 +296,22 @@ def total_micro_steps(micro_steps_per_epoch: int, epochs: float) -> int:
 def resolve_schedule(ds: dict[str, Any], trainer: TrainerConfig, micro_steps_per_epoch: int) -> dict[str, Any]:
     """Fill the scheduler's "auto" step counts from epochs, warmup epochs and steps per epoch."""
     ds = copy.deepcopy(ds)
+    accum = ds["gradient_accumulation_steps"]
+    micro_total = total_micro_steps(micro_steps_per_epoch, trainer.epochs)
+    if micro_total < accum:
+        raise ConfigError(
+            f"the run has {micro_total} micro steps, fewer than gradient_accumulation_steps {accum}: no optimizer "
+            "step would happen; raise trainer.epochs or lower gradient_accumulation_steps"
+        )
+    every = trainer.checkpoint.every_steps
+    if every and every % accum:
+        raise ConfigError(
+            f"trainer.checkpoint.every_steps ({every}) must be a multiple of gradient_accumulation_steps ({accum}): "
+            "checkpoints are taken between optimizer steps"
+        )
     sched = ds.get("scheduler")
     if sched is None:
         return ds
-    accum = ds["gradient_accumulation_steps"]
     total = optimizer_steps(micro_steps_per_epoch, trainer.epochs, accum)
     if trainer.warmup_fraction is not None:
         warmup = max(1, round(trainer.warmup_fraction * total))

@@ -102,6 +102,13 @@ def default_cache_dir() -> Path:
 
 def _find_source(path: Path, download: bool) -> Path:
     """The file or folder to decode: a batches folder, an image-folder root, or a .tar.gz."""
+    try:
+        return _find_source_unchecked(path, download)
+    except PermissionError as e:
+        raise DataError(f"cannot read {e.filename or path} (permission denied); {HOW_TO_SUPPLY}") from None
+
+
+def _find_source_unchecked(path: Path, download: bool) -> Path:
     if path.is_file():
         if path.name.endswith((".tar.gz", ".tgz")):
             if path.name == ARCHIVE:
@@ -309,13 +316,13 @@ def _write_cache(cache: Path, data: Cifar10) -> None:
         "version": CACHE_VERSION,
         "data": {k: getattr(data, k) for k in ("train_x", "train_y", "test_x", "test_y", "classes")},
     }
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
         torch.save(blob, tmp)
         tmp.replace(cache)
-    except OSError:
-        pass
+    except (OSError, RuntimeError):  # a full disk surfaces as RuntimeError from torch.save
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------- subsets

@@ -81,12 +81,17 @@ def on_main_then_share(fn: Callable[[], T], info: DistInfo) -> T:
             outcome = ("ok", fn())
         except UserError as e:
             outcome = (type(e).__name__, str(e))
+        except BaseException as e:  # a bug: tell the others, then show the traceback here
+            broadcast_object(("crashed", f"{type(e).__name__}: {e}"))
+            raise
     else:
         outcome = ("pending", None)
     outcome = broadcast_object(outcome)
     kind, value = outcome
     if kind == "ok":
         return value
+    if kind == "crashed":
+        raise RuntimeError(f"rank 0 failed while preparing the run: {value}")
     raise {"ConfigError": ConfigError, "DataError": DataError}.get(kind, UserError)(value)
 
 

@@ -75,6 +75,23 @@ def check_precision(ds_config: dict[str, Any]) -> None:
             )
 
 
+def check_deepspeed_optimizer(opt_cfg: dict[str, Any]) -> None:
+    """What DeepSpeed would only find out inside initialize(): an unknown type or a bad parameter."""
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    kind = opt_cfg["type"]
+    if kind.lower() in DEEPSPEED_OPTIMIZERS:
+        return  # DeepSpeed's own optimizers check their parameters themselves
+    cls = getattr(torch.optim, kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"optimizer.type={kind!r} is neither a DeepSpeed optimizer ({', '.join(DEEPSPEED_OPTIMIZERS)}) "
+                          "nor a torch.optim class (names are case-sensitive: SGD, AdamW, RMSprop)")
+    try:
+        cls([torch.nn.Parameter(torch.zeros(1))], **opt_cfg.get("params", {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"optimizer.params for {kind}: {e}") from None
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -85,10 +102,13 @@ class DeepSpeedBackend(Backend):
         # The trainer logs to wandb itself (rank 0, failures never fatal); DeepSpeed's monitor on the
         # same block would open a second run and can stop training when wandb fails.
         ds_config = {k: v for k, v in ds_config.items() if k != "wandb"}
+        check_deepspeed_optimizer(ds_config["optimizer"])
+        from pydantic import ValidationError
+
         try:
             engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-        except deepspeed.runtime.config_utils.DeepSpeedConfigError as e:
-            raise ConfigError(f"DeepSpeed rejected the config: {e}") from None
+        except (deepspeed.DeepSpeedConfigError, ValidationError) as e:
+            raise ConfigError(f"DeepSpeed rejected the config: {' '.join(str(e).split())[:400]}") from None
         self.engine = engine
         self.module = engine.module
         self.device = engine.device
@@ -190,6 +210,8 @@ def build_torch_optimizer(params: Any, opt_cfg: dict[str, Any]) -> torch.optim.O
     adam_w_mode = kwargs.pop("adam_w_mode", True)
     for ds_only in ("torch_adam", "fused"):
         kwargs.pop(ds_only, None)
+    if kind.lower() in ("adam", "adamw"):
+        kwargs.setdefault("weight_decay", 0.0)  # DeepSpeed's FusedAdam default; torch's AdamW would use 0.01
     if kind.lower() == "adam":
         cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
     else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,7 @@ class Progress:
     partial: dict[str, Any] | None = None  # accumulators of the interrupted epoch
     best_tag: str | None = None
     wandb_id: str | None = None
+    finished: str | None = None  # why training ended ("target", "patience", ...); a resume does not train on
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +118,10 @@ class Checkpointer:
         self.info = info
         self.augment = augment
         self.say = say
+        # What must match for a checkpoint to be loadable at all, and for a mid-epoch one to continue.
+        self.identity = {"backend": backend.name, "model": cfg.trainer.model}
+        self.epoch_identity = {"train_images": None, "micro_batch": cfg.ds["train_micro_batch_size_per_gpu"],
+                               "seed": cfg.trainer.seed}
 
     def _barrier(self) -> None:
         if self.info.world_size > 1:
@@ -126,6 +132,7 @@ class Checkpointer:
         tmp = ckpt.TMP_PREFIX + tag
         if self.info.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.dir / tmp, ignore_errors=True)  # left by a save that crashed at this step
         self._barrier()
         self.backend.save_checkpoint(self.dir, tmp, client_state)
         (self.dir / tmp).mkdir(parents=True, exist_ok=True)
@@ -135,8 +142,8 @@ class Checkpointer:
         torch.save(ckpt.rng_state(own), ckpt.rng_file(self.dir / tmp, self.info.rank))
         self._barrier()  # every rank's files are written before rank 0 commits
         if self.info.is_main:
-            meta = {"step": progress.step, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
-                    "world_size": self.info.world_size, "reason": reason}
+            meta = {**self.epoch_identity, "step": progress.step, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
+                    "world_size": self.info.world_size, "reason": reason, **self.identity}
             ckpt.commit(self.dir, tmp, tag, meta)
             protect = {progress.best_tag} if progress.best_tag else set()
             ckpt.rotate(self.dir, self.cfg.keep_last, protect | {tag})
@@ -145,6 +152,15 @@ class Checkpointer:
 
     def restore(self, found: ckpt.Found) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """(client_state, this rank's partial epoch sums) of checkpoint ``found``."""
+        for key, value in self.identity.items():
+            if key in found.meta and found.meta[key] != value:
+                raise ConfigError(f"checkpoint {found.path} was saved with {key} {found.meta[key]!r}, this run uses "
+                                  f"{value!r}; resume it with the same {key}")
+        if found.meta.get("step_in_epoch"):
+            for key, value in self.epoch_identity.items():
+                if key in found.meta and found.meta[key] != value:
+                    raise ConfigError(f"checkpoint {found.path} was saved mid-epoch with {key} {found.meta[key]!r}; "
+                                      f"this run has {value!r}, so the epoch cannot continue: keep {key} as it was")
         saved_world = found.meta.get("world_size")
         if saved_world != self.info.world_size and found.meta.get("step_in_epoch"):
             raise ConfigError(
@@ -226,6 +242,7 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
     t = cfg.trainer
     device = backend.device
     micro = cfg.ds["train_micro_batch_size_per_gpu"]
+    accumulation = cfg.ds["gradient_accumulation_steps"]
     n_train = len(data.train_y)
     per_epoch = batches_per_epoch(n_train, info.world_size, micro)
     total_micro = total_micro_steps(per_epoch, t.epochs)
@@ -235,6 +252,7 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
     augment = Augment(aug_cfg.crop_padding, aug_cfg.flip, aug_cfg.cutout, seed=t.seed * 1_000_003 + info.rank, device=device)
     stopper = EarlyStopping(t.early_stopping)
     checkpointer = Checkpointer(cfg, ckpt_dir, backend, info, augment, reporter.say)
+    checkpointer.epoch_identity["train_images"] = n_train
     progress = Progress()
     if resume is not None:
         state, partial = checkpointer.restore(resume)
@@ -253,15 +271,19 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
         return progress.elapsed + time.perf_counter() - start
 
     def save(reason: str) -> str:
-        progress.elapsed = elapsed()
+        before = progress.elapsed
+        progress.elapsed = elapsed()  # what the checkpoint records; this process keeps counting from start
         shared = {k: v for k, v in progress.state_dict().items() if k != "partial"}  # partial is per rank
         tag = checkpointer.save(progress, {"progress": shared, "early_stopping": stopper.state_dict()}, reason)
-        progress.elapsed -= time.perf_counter() - start  # keep elapsed() continuous
+        progress.elapsed = before
         return tag
 
     stop_reason, signum = "completed", 0
     try:
-        while progress.epoch < n_epochs:
+        if progress.finished:
+            stop_reason = progress.finished
+            reporter.say(f"the checkpoint is from a run that had already stopped ({stop_reason}); nothing to train")
+        while progress.epoch < n_epochs and not progress.finished:
             epoch = progress.epoch
             steps = min(per_epoch, total_micro - epoch * per_epoch)
             shard = shard_indices(n_train, info.world_size, info.rank, epoch, t.seed).to(device)
@@ -292,7 +314,9 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                     bar.update()
                     if b % 50 == 0:  # one host sync per 50 steps, for the eye only
                         bar.set_postfix(loss=f"{loss.item():.3f}")
-                signum = signals.agreed()
+                # Stop and save only between optimizer steps: gradients of a half-done accumulation
+                # window are not in any checkpoint.
+                signum = signals.agreed() if progress.step % accumulation == 0 else 0
                 every = t.checkpoint.every_steps
                 if signum or (every and progress.step % every == 0 and b + 1 < steps):
                     _sync(device)
@@ -325,13 +349,16 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
             # rank 0 decides and every rank follows.
             stop, reason = broadcast_object(stopper.update(m, m["elapsed_s"]))
             stop = stop and progress.epoch < n_epochs
+            if stop:
+                progress.finished = reason
             best = max(h["val_acc"] for h in progress.history) == m["val_acc"]
             every = t.checkpoint.every_epochs
-            if t.checkpoint.save_best and best:
+            if t.checkpoint.save_best and best and progress.step % accumulation == 0:
                 progress.best_tag = ckpt.tag_for(progress.step)
                 save("best")
             elif every and (progress.epoch % every == 0 or stop or progress.epoch == n_epochs):
-                save("epoch")
+                if progress.step % accumulation == 0:  # else the next boundary-aligned epoch saves
+                    save("epoch")
             if stop:
                 stop_reason = reason
                 reporter.say(describe_stop(reason, t.early_stopping, m, progress.epoch))

@@ -61,7 +61,12 @@ class Reporter:
         steps_file = self.out_dir / "steps.jsonl"
         kept = []
         if steps_file.is_file():
-            kept = [line for line in steps_file.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            for line in steps_file.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a line torn by the kill that made this resume necessary
         steps_file.write_text("".join(line + "\n" for line in kept))
 
     def say(self, line: str) -> None:

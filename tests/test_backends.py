@@ -41,6 +41,7 @@ def params():
         ({"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9, "nesterov": True}}, torch.optim.SGD, {"nesterov": True}),
         ({"type": "sgd", "params": {"lr": 0.1}}, torch.optim.SGD, {"lr": 0.1}),
         ({"type": "Adam", "params": {"lr": 1e-3, "weight_decay": 0.01}}, torch.optim.AdamW, {"weight_decay": 0.01}),  # DeepSpeed's Adam is AdamW...
+        ({"type": "AdamW", "params": {"lr": 1e-3}}, torch.optim.AdamW, {"weight_decay": 0.0}),  # DeepSpeed's default, not torch's 0.01
         ({"type": "Adam", "params": {"lr": 1e-3, "adam_w_mode": False}}, torch.optim.Adam, {"lr": 1e-3}),  # ...unless adam_w_mode is off
         ({"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, torch.optim.AdamW, {"lr": 1e-3}),
         ({"type": "RMSprop", "params": {"lr": 1e-3}}, torch.optim.RMSprop, {"lr": 1e-3}),

@@ -22,12 +22,14 @@ def test_shards_reshuffle_between_epochs_and_follow_the_seed():
     assert not torch.equal(e0, e1)
     assert torch.equal(e0, shard_indices(100, 2, 0, 0, seed=1))
     assert not torch.equal(e0, shard_indices(100, 2, 0, 0, seed=2))
-    # Same global order as torch's DistributedSampler (shuffle=True, drop_last=False).
+    # The same sharding as torch's DistributedSampler (shuffle=True, drop_last=False), whose seed is ours
+    # spread apart (seed x 1,000,003), so that seed s at epoch e+1 does not replay seed s+1 at epoch e.
     from torch.utils.data import DistributedSampler
 
-    sampler = DistributedSampler(range(101), num_replicas=2, rank=1, shuffle=True, seed=7)
+    sampler = DistributedSampler(range(101), num_replicas=2, rank=1, shuffle=True, seed=7 * 1_000_003)
     sampler.set_epoch(3)
     assert shard_indices(101, 2, 1, 3, seed=7).tolist() == list(sampler)
+    assert not torch.equal(shard_indices(100, 1, 0, 1, seed=1), shard_indices(100, 1, 0, 0, seed=2))
 
 
 @pytest.mark.parametrize("n, world, micro, batches, last", [(100, 2, 32, 2, 18), (101, 2, 10, 6, 1), (64, 1, 32, 2, 32)])

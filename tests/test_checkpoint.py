@@ -87,3 +87,12 @@ def test_rng_state_round_trip_loads_with_weights_only(tmp_path):
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert [random.random() for _ in range(3)] == expected[2]
+
+
+def test_resume_drops_a_torn_last_line_of_steps_jsonl(tmp_path):
+    from cifar10ds.tracking import Reporter
+
+    (tmp_path / "steps.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
+    Reporter(tmp_path, is_main=True).resume([{"epoch": 1}], step=2)
+    assert (tmp_path / "steps.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n'
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'

@@ -210,3 +210,24 @@ def test_absent_gradient_clipping_is_deepspeeds_default(tmp_path):
     assert load_config(write(tmp_path, cfg)).ds["gradient_clipping"] == 1.0  # written into the resolved config
     cfg["gradient_clipping"] = 0
     assert load_config(write(tmp_path, cfg)).ds["gradient_clipping"] == 0
+
+
+def test_no_optimizer_step_is_an_error(tmp_path):
+    cfg = _trainer(tmp_path, epochs=0.1)
+    cfg.ds["gradient_accumulation_steps"] = 4
+    with pytest.raises(ConfigError, match="the run has 1 micro steps, fewer than gradient_accumulation_steps 4"):
+        resolve_schedule(cfg.ds, cfg.trainer, 10)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"optimizer": None}, 'an "optimizer" is required'),
+    ({"zero_optimization": 2}, "zero_optimization must be an object"),
+    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage must be 0, 1, 2 or 3"),
+])
+def test_deepspeed_sections_the_trainer_reads(tmp_path, change, message):
+    cfg = json.loads(json.dumps(BASE))
+    cfg.update(change)
+    if change.get("optimizer", 1) is None:
+        del cfg["optimizer"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, cfg))

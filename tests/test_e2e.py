@@ -112,6 +112,17 @@ def test_early_stopping_at_target(tmp_path, data, config):
     summary, metrics, _, _ = read_run(out)
     assert (summary["stopped_early"], summary["stop_reason"], summary["epochs_run"]) == (True, "target", 1)
     assert len(metrics) == 1 and "early stop: val_acc" in r.stdout
+    # Resuming a run that stopped early does not train it further.
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out),
+                 "--resume", "auto", "--set", "trainer.early_stopping.target=0.01"], tmp_path)
+    assert r.returncode == 0 and "had already stopped (target); nothing to train" in r.stdout
+    summary, metrics, _, _ = read_run(out)
+    assert (summary["stop_reason"], len(metrics)) == ("target", 1)
+
+
+def test_resume_auto_needs_to_know_where(tmp_path, data, config):
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--resume", "auto"], tmp_path)
+    assert_user_error(r, "--resume auto looks for checkpoints in the output dir: pass --output-dir DIR")
 
 
 def assert_user_error(r, message, ranks=1):
@@ -130,6 +141,14 @@ def assert_user_error(r, message, ranks=1):
         (["--set", "train_batch_size=7", "--set", "trainer.data.train_limit=22"], "BatchNorm cannot train on one"),
         (["--data-dir", "/nonexistent/cifar"], "data error: no CIFAR-10 data in /nonexistent/cifar and trainer.data.download is false; pass --data-dir PATH"),
         (["--output-dir", "/proc/forbidden"], "output dir /proc/forbidden is not writable"),
+        (["--set", "trainer.checkpoint.dir=/proc/ckpts"], "output dir /proc/ckpts is not writable"),
+        (["--set", "optimizer.type=Shampoo"], "optimizer.type='Shampoo' is neither a DeepSpeed optimizer"),
+        (["--set", "optimizer.params.betas=[0.9, 0.99]"], "optimizer.params for SGD: "),
+        (["--set", "zero_optimization.stage=7"], "zero_optimization.stage must be 0, 1, 2 or 3"),
+        (["--set", 'zero_optimization.reduce_bucket_size="big"'], "DeepSpeed rejected the config"),
+        (["--set", "wandb=true"], "wandb must be an object"),
+        (["--set", "gradient_accumulation_steps=2", "--set", "trainer.checkpoint.every_steps=3"],
+         "every_steps (3) must be a multiple of gradient_accumulation_steps (2)"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(tmp_path, data, config, args, message):

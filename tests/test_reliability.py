@@ -54,7 +54,7 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(a, b):
+def assert_same_run(a, b, steps=40):
     ma, mb = metrics(a), metrics(b)
     assert len(ma) == len(mb) == 4
     for x, y in zip(ma, mb):
@@ -62,19 +62,23 @@ def assert_same_run(a, b):
     sa, sb = torch.load(a / "model.pt", weights_only=True), torch.load(b / "model.pt", weights_only=True)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     steps_a, steps_b = (a / "steps.jsonl").read_text(), (b / "steps.jsonl").read_text()
-    assert steps_a == steps_b and len(steps_a.splitlines()) == 40
+    assert steps_a == steps_b and len(steps_a.splitlines()) == steps
 
 
-@pytest.mark.parametrize("ranks, fault, stop_step, in_epoch", [
-    (1, "sigterm@25", 25, 5),  # mid-epoch 3
-    (1, "sigterm@20", 20, 10),  # the last step of epoch 2, before its evaluation
-    (2, "sigterm@25@1", 25, 5),  # only rank 1 gets the signal: both stop at the same step
+GAS2 = ["--set", "gradient_accumulation_steps=2"]  # micro batch 10: 20 micro steps per epoch
+
+
+@pytest.mark.parametrize("ranks, fault, extra, stop_step, in_epoch", [
+    (1, "sigterm@25", [], 25, 5),  # mid-epoch 3
+    (1, "sigterm@20", [], 20, 10),  # the last step of epoch 2, before its evaluation
+    (2, "sigterm@25@1", [], 25, 5),  # only rank 1 gets the signal: both stop at the same step
+    (1, "sigterm@45", GAS2, 46, 6),  # mid-accumulation: the stop waits for the optimizer step
 ])
-def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, config, data, ranks, fault, stop_step, in_epoch):
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, config, data, ranks, fault, extra, stop_step, in_epoch):
     straight = tmp_path / "straight"
-    assert launch(tmp_path, config, data, straight, ranks=ranks).returncode == 0
+    assert launch(tmp_path, config, data, straight, *extra, ranks=ranks).returncode == 0
     out = tmp_path / "interrupted"
-    r = launch(tmp_path, config, data, out, fault=fault, ranks=ranks)
+    r = launch(tmp_path, config, data, out, *extra, fault=fault, ranks=ranks)
     assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["stop_reason"], summary["signal"], summary["steps"]) == ("signal", "SIGTERM", stop_step)
@@ -82,10 +86,10 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, config, data, ran
     meta = json.loads((tag / "COMMITTED.json").read_text())
     assert (meta["step_in_epoch"], meta["reason"], meta["world_size"]) == (in_epoch, "signal", ranks)
     assert {f"rng_rank{r}.pt" for r in range(ranks)} <= set(meta["files"])
-    r = launch(tmp_path, config, data, out, "--resume", "auto", ranks=ranks)
+    r = launch(tmp_path, config, data, out, "--resume", "auto", *extra, ranks=ranks)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["resumed_from"] == str(tag)
-    assert_same_run(straight, out)
+    assert_same_run(straight, out, steps=80 if extra else 40)
 
 
 def test_external_sigterm_saves_and_exits_143(tmp_path, config, data):
@@ -142,6 +146,9 @@ def test_resume_errors(tmp_path, config, data):
     assert r.returncode == 2 and "config error: checkpoint" in r.stderr and "missing does not exist" in r.stderr
     r = launch(tmp_path, config, data, out, "--resume", "auto", "--set", "trainer.epochs=2")
     assert r.returncode == 0 and "no committed checkpoint" in r.stderr
+    # A fresh run never mixes its checkpoints with an earlier run's.
+    r = launch(tmp_path, config, data, out, "--set", "trainer.epochs=2")
+    assert r.returncode == 2 and "already holds checkpoints of an earlier run: continue it with --resume auto" in r.stderr
     ckpts = sorted((out / "checkpoints").iterdir())
     assert [p.name for p in ckpts] == ["step00000010", "step00000020"]
     newest = ckpts[-1] / "mp_rank_00_model_states.pt"
