@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> dict:
     wandb = tracking.WandbLogger(cfg.ds.get("wandb"), info.is_main, out_dir, warn_main)
     reporter = tracking.Reporter(out_dir, info.is_main, args.quiet, wandb, run_config=cfg.to_json())
     reporter.write_json("config.json", cfg.to_json())
+    reporter.write_json("manifest.json", tracking.manifest(cfg.to_json(), device, info.world_size, t.seed))
     reporter.say(
         f"{t.model} ({params:,} params) | {cfg.precision} | world size {info.world_size} on {device} | "
         f"{n_train} train / {len(data.test_y)} test images | batch {cfg.ds['train_batch_size']} | out {out_dir}"

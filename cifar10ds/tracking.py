@@ -208,3 +208,31 @@ class WandbLogger:
             self.run.finish()
         except Exception as e:
             self._fail("finish", e)
+
+
+def manifest(config: dict[str, Any], device: torch.device, world_size: int, seed: int | None) -> dict[str, Any]:
+    """What a figure needs to be reproduced: versions, hardware, code and config identity, command line."""
+    import hashlib
+
+    info: dict[str, Any] = {
+        "versions": library_versions(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": device_name(device),
+        "device_count": torch.cuda.device_count() if device.type == "cuda" else 1,
+        "world_size": world_size,
+        **git_commit(),
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "seed": seed,
+        "command": [sys.executable, *sys.argv],
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10)
+            info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError, IndexError):
+            info["driver"] = None
+    return info

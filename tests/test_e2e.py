@@ -72,6 +72,10 @@ def test_one_process_run_writes_its_outputs(tmp_path, data, config):
     assert summary["train_images_per_s"] == pytest.approx(600 / summary["train_time_s"])
     assert summary["device"].startswith("cpu") and summary["versions"]["deepspeed"]
     assert "git_commit" in summary and summary["total_time_s"] >= summary["train_time_s"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 0 and manifest["world_size"] == 1 and manifest["device_count"] == 1
+    assert manifest["versions"]["torch"] and len(manifest["config_sha256"]) == 64
+    assert "--deepspeed_config" in manifest["command"] and "git_dirty" in manifest
 
 
 def test_two_ranks_under_the_deepspeed_launcher(tmp_path, data, config):
