@@ -5,11 +5,11 @@ import re
 
 import pytest
 
-from tests.helpers import accuracy_in_one_process, deepspeed_launcher, free_port, run_cli, tiny_dataset
+from tests.helpers import accuracy_in_one_process, deepspeed_launcher, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
-TINY = {
+CONFIG = {
     "train_batch_size": 20,
     "train_micro_batch_size_per_gpu": "auto",
     "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
@@ -21,17 +21,6 @@ TINY = {
                 "data": {"download": False, "augmentation": {"crop_padding": 2, "flip": True, "cutout": 0}}},
 }
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("data"))  # 200 train / 70 test png images, 10 classes
-
-
-@pytest.fixture
-def config(tmp_path):
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(TINY))
-    return path
 
 
 def read_run(out):

@@ -8,7 +8,6 @@ import pytest
 from cifar10ds import experiments
 from cifar10ds.errors import ConfigError
 from cifar10ds.stats import welch
-from tests.helpers import tiny_dataset
 
 CONFIG = {
     "train_batch_size": 20,
@@ -27,17 +26,6 @@ def test_bad_seeds():
     with pytest.raises(ConfigError, match="--seeds 'x': expected a count"):
         experiments.parse_seeds("x")
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture
-def config(tmp_path):
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(CONFIG))
-    return path
 
 
 def png_ok(path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.helpers import accelerate_launcher, accuracy_in_one_process, free_port, run_cli, tiny_dataset
+from tests.helpers import accelerate_launcher, accuracy_in_one_process, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -17,17 +17,6 @@ CONFIG = {
 }
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm")
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture
-def config(tmp_path):
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(CONFIG))
-    return path
 
 
 def run(tmp_path, config, data, name, *extra, launcher=None):

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, SCRIPT, cli_env, deepspeed_launcher, free_port, processes_left, run_cli, tiny_dataset
+from tests.helpers import ROOT, SCRIPT, cli_env, deepspeed_launcher, free_port, processes_left, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -25,17 +25,6 @@ CONFIG = {
 }
 SAME = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm", "grad_norm_max")
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("data"))  # 200 train images: 10 steps per epoch at batch 20
-
-
-@pytest.fixture
-def config(tmp_path):
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(CONFIG))
-    return path
 
 
 def launch(tmp_path, config, data, out, *extra, fault=None, ranks=1, timeout=240):

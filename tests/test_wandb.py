@@ -6,7 +6,7 @@ import os
 import pytest
 
 from cifar10ds.tracking import WandbLogger
-from tests.helpers import ROOT, run_cli, tiny_dataset, wandb_records
+from tests.helpers import ROOT, run_cli, wandb_records
 
 CONFIG = {
     "train_batch_size": 20,
@@ -15,17 +15,6 @@ CONFIG = {
     "trainer": {"model": "bn_cnn", "epochs": 2, "data": {"download": False}},
 }
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture
-def config(tmp_path):
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(CONFIG))
-    return path
 
 
 def run(tmp_path, config, data, out, *extra, env=None):
