@@ -48,6 +48,10 @@ class Backend:
         """The full model weights (a collective call: every rank must call it)."""
         raise NotImplementedError
 
+    def loss_scale(self) -> float | None:
+        """The fp16 dynamic loss scale (None without fp16)."""
+        return None
+
     def save_checkpoint(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
         """Write model, optimizer, scheduler and ``client_state`` into ckpt_dir/tag (every rank calls it)."""
         raise NotImplementedError
@@ -143,6 +147,10 @@ class DeepSpeedBackend(Backend):
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def loss_scale(self) -> float | None:
+        scale = getattr(self.engine.optimizer, "cur_scale", None) if self.engine.fp16_enabled() else None
+        return None if scale is None else float(scale)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         if self.engine.zero_optimization_partition_weights():  # ZeRO-3: gather the shards
@@ -303,6 +311,10 @@ class AccelerateBackend(Backend):
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def loss_scale(self) -> float | None:
+        scaler = self.accelerator.scaler
+        return None if scaler is None else float(scaler.get_scale())
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         return self.accelerator.get_state_dict(self.model)

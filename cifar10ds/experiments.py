@@ -111,6 +111,7 @@ def run_experiment(config: Path, seeds: list[int], out: Path, sets: list[str], l
         sets = [*sets, f"wandb.group={out.name}"]  # the runs of one experiment share a wandb group
     prefix = launcher_command(launcher, nproc)
     out.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out, raw, nproc)
     (out / "experiment.json").write_text(json.dumps({
         "config": str(config), "sets": sets, "seeds": seeds, "launcher": launcher, "nproc": nproc,
         "data_dir": data_dir, "target": target, "command": [sys.executable, *sys.argv],
@@ -128,6 +129,32 @@ def run_experiment(config: Path, seeds: list[int], out: Path, sets: list[str], l
     write_results(out, rows)
     report(out, target, say)
     return rows
+
+
+def _write_manifest(out: Path, config: dict[str, Any], nproc: int) -> None:
+    import torch
+
+    from cifar10ds.tracking import manifest
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    (out / "manifest.json").write_text(json.dumps(manifest(config, device, nproc, None), indent=2) + "\n")
+
+
+def config_diff(config: Path, sets: list[str]) -> list[str]:
+    """Each override as ``key: base value -> new value`` against the base config file."""
+    base = read_json(config)
+    lines = []
+    for item in sets:
+        key, _, _ = item.partition("=")
+        new: dict[str, Any] = {}
+        apply_override(new, item)
+        node_old: Any = base
+        node_new: Any = new
+        for part in key.split("."):
+            node_old = node_old.get(part, "(absent)") if isinstance(node_old, dict) else "(absent)"
+            node_new = node_new[part]
+        lines.append(f"`{key}`: {json.dumps(node_old)} → {json.dumps(node_new)}")
+    return lines
 
 
 def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
@@ -174,8 +201,9 @@ def report(out: Path, target: float | None = None, say: Any = print) -> str:
     manifest = _first_manifest(rows)
     lines = [f"## Experiment: {out.name}", "",
              "- **Hypothesis**: (what this experiment tests)",
-             f"- **Config**: `{meta.get('config', '?')}`" + (
-                 " with " + " ".join(f"`--set {s}`" for s in meta.get("sets", [])) if meta.get("sets") else ""),
+             f"- **Config**: `{meta.get('config', '?')}`"
+             + (("; changed: " + "; ".join(config_diff(Path(meta["config"]), meta["sets"])))
+                if meta.get("sets") and Path(meta.get("config", "")).is_file() else ""),
              f"- **Seeds**: {len(rows)} ({st['n']} finished, {st['failed']} failed)",
              f"- **Launcher**: {meta.get('launcher', '?')}, {meta.get('nproc', 1)} process(es)",
              f"- **Hardware**: {manifest.get('device', '?')}; torch {manifest.get('versions', {}).get('torch', '?')}, "
@@ -202,6 +230,7 @@ def report(out: Path, target: float | None = None, say: Any = print) -> str:
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     plot_runs(out, rows)
+    _report_to_wandb(out, meta, st, say)
     if "acc" in st:
         say(f"{out.name}: n={st['n']} final val_acc {_fmt(st['acc'], 100)}%, train time {_fmt(st['time'])} s"
             + (f", success {100 * st['success']:.0f}%" if "success" in st else "")
@@ -209,6 +238,36 @@ def report(out: Path, target: float | None = None, say: Any = print) -> str:
     else:
         say(f"{out.name}: no run finished ({st['failed']} failed)")
     return text
+
+
+def _report_to_wandb(out: Path, meta: dict[str, Any], st: dict[str, Any], say: Any) -> None:
+    """With wandb enabled in the experiment's config: one more run in its group, holding the plots and
+    the statistics. Like every wandb call here, a failure is one warning."""
+    config = Path(meta.get("config", ""))
+    if not config.is_file():
+        return
+    raw = read_json(config)
+    for item in meta.get("sets", []):
+        apply_override(raw, item)
+    block = raw.get("wandb", {})
+    if not (isinstance(block, dict) and block.get("enabled")):
+        return
+    try:
+        import wandb
+
+        run = wandb.init(project=block.get("project") or "cifar10-deepspeed", entity=block.get("team"),
+                         group=block.get("group") or out.name, name=f"{out.name}-report", job_type="report",
+                         dir=str(out), config={"experiment": meta})
+        images = {name: wandb.Image(str(out / f"{name}.png")) for name in ("curves", "final_acc")
+                  if (out / f"{name}.png").is_file()}
+        run.log(images)
+        if "acc" in st:
+            run.summary.update({"n": st["n"], "failed": st["failed"], "acc_mean": st["acc"].mean,
+                                "acc_ci_low": st["acc"].ci_low, "acc_ci_high": st["acc"].ci_high,
+                                "time_mean": st["time"].mean, **({"success": st["success"]} if "success" in st else {})})
+        run.finish()
+    except Exception as e:
+        say(f"warning: wandb report failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the files are written")
 
 
 def _first_manifest(rows: list[dict[str, Any]]) -> dict[str, Any]:

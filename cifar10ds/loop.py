@@ -75,7 +75,7 @@ class EpochSums:
 
     def to_plain(self) -> dict[str, Any]:
         return {"sums": self.sums.tolist(), "losses": [float(v) for v in self.losses],
-                "norms": [(s, float(n)) for s, n in self.norms], "time": self.time}
+                "norms": [(s, float(n), lr, scale) for s, n, lr, scale in self.norms], "time": self.time}
 
 
 class StopSignal:
@@ -299,14 +299,15 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                 logits = backend.forward(augment(data.train_x[idx]))
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
                 backend.backward(loss)
+                lr = backend.lr()  # the lr this step uses (the engine's scheduler moves on inside step())
                 norm = backend.step()
                 progress.step += 1
                 fault.maybe(progress.step)
                 progress.step_in_epoch = b + 1
                 loss = loss.detach()
                 acc.losses.append(loss)
-                if norm is not None:
-                    acc.norms.append((progress.step, norm))
+                if norm is not None:  # an optimizer step: its lr and loss scale are host values, no sync
+                    acc.norms.append((progress.step, norm, lr, backend.loss_scale()))
                 acc.sums[0] += loss * len(y)
                 acc.sums[1] += (logits.detach().argmax(1) == y).sum()
                 acc.sums[2] += len(y)
@@ -392,10 +393,12 @@ def _finish_epoch(backend: Backend, data: DeviceData, cfg: Config, info: DistInf
     losses = all_reduce_sum(torch.stack(acc.losses).double()) / info.world_size
     progress.images += int(count)
     val_loss, val_acc = evaluate(backend, data, augment, info, cfg.trainer.data.eval_batch_size)
-    norms = [float(n) for _, n in acc.norms]
+    norms = [float(n) for _, n, _, _ in acc.norms]
     rows = [{"step": first_step + i, "epoch": epoch + 1, "loss": float(v)} for i, v in enumerate(losses)]
-    for s, n in acc.norms:
-        rows[s - first_step]["grad_norm"] = float(n)
+    for s, n, lr, scale in acc.norms:
+        rows[s - first_step].update(grad_norm=float(n), lr=lr)
+        if scale is not None:
+            rows[s - first_step]["loss_scale"] = scale
     return {
         "epoch": epoch + 1,
         "epoch_fraction": steps / per_epoch,

@@ -192,8 +192,9 @@ class WandbLogger:
         try:
             for row in step_rows:
                 data = {"train/step_loss": row["loss"]}
-                if "grad_norm" in row:
-                    data["train/grad_norm"] = row["grad_norm"]
+                for key in ("grad_norm", "lr", "loss_scale"):
+                    if key in row:
+                        data[f"train/{key}"] = row[key]
                 self.run.log(data, step=row["step"])
             self.run.log({f"epoch/{k}": v for k, v in epoch_row.items() if isinstance(v, (int, float))},
                          step=epoch_row["step"])

@@ -52,6 +52,9 @@ def test_one_process_run_writes_its_outputs(tmp_path, data, config):
     assert metrics[-1]["val_acc"] >= 0.5  # learnable fixture: far above the 10% of chance
     # steps.jsonl: every step's loss and gradient norm.
     assert [s["step"] for s in steps] == list(range(1, 31)) and all(s["grad_norm"] > 0 for s in steps)
+    # DeepSpeed's linear warmup (3 steps): lr 0 for the first two steps, then rising; the lr each step used.
+    assert [s["lr"] for s in steps[:4]] == pytest.approx([0, 0, 0.05 / 3, 2 * 0.05 / 3])
+    assert "loss_scale" not in steps[0]  # fp32
     assert summary["final_val_acc"] == metrics[-1]["val_acc"]
     assert summary["best_val_acc"] == max(m["val_acc"] for m in metrics)
     assert (summary["world_size"], summary["backend"], summary["precision"]) == (1, "deepspeed", "fp32")

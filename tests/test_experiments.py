@@ -49,7 +49,10 @@ def test_run_reports_and_resumes(tmp_path, config, data, monkeypatch):
         assert summary["epochs_run"] == 2
     text = (out / "report.md").read_text()
     assert "| final val_acc (%) | 2 |" in text and "Seeds**: 2 (2 finished, 0 failed)" in text
-    assert "Success rate (final val_acc ≥ 0.5): 2/2 = 100%" in text and "`--set trainer.epochs=2`" in text
+    assert "Success rate (final val_acc ≥ 0.5): 2/2 = 100%" in text
+    assert "changed: `trainer.epochs`: 1 → 2" in text  # the diff against the base config
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] and "git_commit" in manifest and manifest["device_count"] >= 1
     assert png_ok(out / "curves.png") and png_ok(out / "final_acc.png")
     assert said[-1].startswith("exp: n=2 final val_acc")
     # Running it again skips finished seeds; a new seed is added to the same experiment.
@@ -118,3 +121,21 @@ def test_compare_needs_two_runs_each(tmp_path):
     write_results(tmp_path / "b", [0.9, 0.91], [1.0, 1.1])
     with pytest.raises(ConfigError, match="at least 2 finished runs on each side"):
         experiments.compare(tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_experiment_report_goes_to_wandb_in_the_experiments_group(tmp_path, config, data, monkeypatch):
+    monkeypatch.setenv("CIFAR10DS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "exp"
+    experiments.run_experiment(config, [0], out, ["wandb.enabled=true"], data_dir=str(data), say=lambda *_: None)
+    # The seed's own wandb run and the report run, both grouped under the experiment's name.
+    (seed_run,) = (out / "runs" / "seed-0000" / "wandb").glob("offline-run-*/run-*.wandb")
+    (report_run,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    from tests.helpers import wandb_records
+
+    for path, name in ((seed_run, "seed-0000"), (report_run, "exp-report")):
+        run = next(r.run for r in wandb_records(path) if r.WhichOneof("record_type") == "run")
+        assert (run.run_group, run.display_name) == ("exp", name)
+    images = list((out / "wandb").glob("offline-run-*/files/media/images/*.png"))
+    assert {p.name.split("_")[0] for p in images} >= {"curves", "final"}
