@@ -40,7 +40,8 @@ def env_info() -> DistInfo:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free local TCP port (for a launcher's master port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -51,7 +52,7 @@ def set_single_process_defaults() -> None:
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

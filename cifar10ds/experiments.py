@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar10ds.config import apply_override, read_json
+from cifar10ds.dist import free_port
 from cifar10ds.errors import ConfigError
 from cifar10ds.stats import success_rate, summarize, verdict, welch
 
@@ -41,12 +41,6 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds {text!r}: expected a count (25), a range (0-24) or a list (1,5,9)") from None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher_command(launcher: str, nproc: int) -> list[str]:
     bin_dir = Path(sys.executable).parent
     if launcher == "python":
@@ -54,11 +48,11 @@ def launcher_command(launcher: str, nproc: int) -> list[str]:
             raise ConfigError("--launcher python runs one process; use deepspeed or accelerate for --nproc > 1")
         return [sys.executable]
     if launcher == "deepspeed":
-        return [str(bin_dir / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={_free_port()}"]
+        return [str(bin_dir / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}"]
     if launcher == "accelerate":
         multi = ["--multi_gpu"] if nproc > 1 else []
         return [str(bin_dir / "accelerate"), "launch", *multi, f"--num_processes={nproc}",
-                f"--main_process_port={_free_port()}"]
+                f"--main_process_port={free_port()}"]
     raise ConfigError(f"--launcher {launcher!r}: choose python, deepspeed or accelerate")
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cifar10ds.dist import free_port  # noqa: F401  (re-exported for the tests)
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "cifar10_deepspeed.py"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -151,14 +153,6 @@ def accuracy_in_one_process(out: Path, data_dir: Path, model: str, cache: Path) 
     with torch.no_grad():
         pred = net(Augment(0, False, 0, seed=0, device="cpu").normalize(data.test_x)).argmax(1)
     return (pred == data.test_y).double().mean().item()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accelerate_launcher(n: int, port: int) -> list[str]:
