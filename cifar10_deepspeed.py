@@ -35,7 +35,7 @@ from pathlib import Path
 # The script's folder is on sys.path under every launcher, so `models` and `cifar10ds`
 # import from the checkout; neither is installed into site-packages (see README).
 import models
-from cifar10ds.errors import EXIT_USER_ERROR, UserError
+from cifar10ds.errors import EXIT_USER_ERROR, UserError, print_line
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print(f"{prefix}{e.kind}: {e}", file=sys.stderr, flush=True)
+        print_line(f"{prefix}{e.kind}: {e}")
         if torch_dist.is_initialized():
             # User errors after start-up are raised on every rank at the same point: meet once so
             # that each rank's line is out before the launcher kills the slower ones (a rank that

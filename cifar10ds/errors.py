@@ -21,3 +21,19 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     kind = "data error"
+
+
+def print_line(line: str) -> None:
+    """Write one line to stderr in a single write(2) call.
+
+    print() issues the text and the newline as two writes, so lines from several ranks sharing the
+    launcher's pipe can interleave ("...either[rank 1] ..."); one write of at most PIPE_BUF bytes
+    (4096 on Linux) to a pipe is atomic.
+    """
+    import os
+    import sys
+
+    sys.stderr.flush()
+    data = (line.rstrip("\n") + "\n").encode("utf-8", "replace")
+    while data:
+        data = data[os.write(2, data):]
