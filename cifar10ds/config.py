@@ -84,6 +84,32 @@ class CheckpointConfig(_Section):
     signal_exit_zero: bool = Field(False, description="exit 0 after SIGTERM/SIGINT (default: 128 + signal number)")
 
 
+class StabilityConfig(_Section):
+    enabled: bool = Field(
+        True, description="check every optimizer step (costs one device-to-host read per step on GPU in fp32)"
+    )
+    on_nonfinite: Literal["skip", "stop", "rollback"] = Field(
+        "skip", description="non-finite gradient norm: skip the step on all ranks, stop with a checkpoint, or "
+        "reload the last checkpoint with a lower lr"
+    )
+    max_consecutive_skips: int = Field(
+        20, ge=1, description="stop after this many skipped steps in a row instead of spinning (fp16 overflows included)"
+    )
+    rollback_lr_factor: float = Field(0.5, gt=0, lt=1, description="lr multiplier applied at each rollback")
+    max_rollbacks: int = Field(3, ge=1, description="rollbacks allowed before the run stops")
+    max_grad_norm_warn: float | None = Field(
+        100.0, gt=0, description="warn when the gradient norm (before clipping) exceeds this (null = off)"
+    )
+    loss_spike_factor: float | None = Field(
+        5.0, gt=1, description="warn when a step's loss exceeds this multiple of the running median (null = off)"
+    )
+    loss_window: int = Field(50, ge=5, description="steps in the running median of the loss")
+    stuck_epochs: int | None = Field(
+        3, ge=1, description="epochs with val_acc within 2 points of chance before the run counts as stuck (null = off)"
+    )
+    on_stuck: Literal["warn", "stop"] = Field("stop", description="what a stuck run does: warn and go on, or stop")
+
+
 class TrainerConfig(_Section):
     model: str = Field("resnet9", description="registered model name (python cifar10_deepspeed.py --list-models)")
     epochs: float = Field(10, gt=0, description="epochs to train; fractions allowed (2.5 = two and a half)")
@@ -96,6 +122,7 @@ class TrainerConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    stability: StabilityConfig = Field(default_factory=StabilityConfig)
     dist_timeout_s: float = Field(
         600, gt=0, description="seconds a rank waits for the others before the run fails instead of hanging"
     )

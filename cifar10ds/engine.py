@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,16 @@ import torch
 import torch.nn as nn
 
 from cifar10ds.errors import ConfigError
+
+
+class LossScaleFloor(Exception):
+    """DeepSpeed's fp16 loss scaler reached its minimum ("Current loss scale already at minimum")."""
+
+
+def _total_norm(named: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, tuple[list[str], torch.Tensor]]:
+    """The global 2-norm of the gradients and each one's own norm (device tensors, no host sync)."""
+    norms = torch.stack([n.float() for n in torch._foreach_norm([g for _, g in named])]) if named else torch.zeros(0)
+    return torch.linalg.vector_norm(norms), ([n for n, _ in named], norms)
 
 
 class Backend:
@@ -37,9 +48,48 @@ class Backend:
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def step(self) -> torch.Tensor | None:
-        """Finish a micro step; at an optimizer step return the global gradient norm (pre-clip)."""
+    def at_boundary(self) -> bool:
+        """Whether the coming step() is an optimizer step (the end of an accumulation window)."""
         raise NotImplementedError
+
+    def grad_norm(self) -> torch.Tensor | None:
+        """At an optimizer step, before the update: the global gradient norm (pre-clip, the same on every
+        rank), or None where the engine only computes it inside step(). May clip as a side effect."""
+        return None
+
+    def step(self, skip: bool = False) -> tuple[torch.Tensor | float | None, bool]:
+        """Finish a micro step. At an optimizer step: (global gradient norm before clipping, whether the
+        update was skipped: because ``skip`` asked for it or because the engine skipped it itself,
+        e.g. on fp16 overflow). Between optimizer steps: (None, False)."""
+        raise NotImplementedError
+
+    def nonfinite_layer(self) -> str | None:
+        """After grad_norm() saw a non-finite norm: the layer whose gradient went non-finite first.
+
+        Backpropagation runs from the output to the input and a non-finite gradient spreads to every
+        layer before it, so the first to go is the non-finite one nearest the output.
+        """
+        norms = getattr(self, "_param_norms", None)
+        if norms is None:
+            return None
+        names, values = norms
+        bad = [name for name, v in zip(names, values.tolist()) if not math.isfinite(v)]
+        return bad[-1].rsplit(".", 1)[0] if bad else None
+
+    def set_lr_scale(self, scale: float, current: float) -> None:
+        """From now on train at ``scale`` x the scheduled lr; the param groups hold ``current`` x it now."""
+        for group in self._param_groups():
+            group["lr"] *= scale / current
+        self.lr_scale = scale
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _rescale_after_schedule(self) -> None:
+        # Schedulers write the lr from their own formula at each step: put the scale back on top.
+        if getattr(self, "lr_scale", 1.0) != 1.0:
+            for group in self._param_groups():
+                group["lr"] *= self.lr_scale
 
     def lr(self) -> float:
         raise NotImplementedError
@@ -123,6 +173,9 @@ class DeepSpeedBackend(Backend):
         # unscale/clip; a plain fp32 torch optimizer does not, so we take it from the grads,
         # which DeepSpeed has already averaged across ranks when backward() returns.
         self._engine_tracks_norm = bool(engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization())
+        self._pending: torch.Tensor | None = None
+        self._param_norms: tuple[list[str], torch.Tensor] | None = None
+        self.lr_scale = 1.0
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
@@ -133,20 +186,53 @@ class DeepSpeedBackend(Backend):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> torch.Tensor | None:
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        norm = None
-        if boundary and not self._engine_tracks_norm:
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads).detach()
-        self.engine.step()
-        if boundary and self._engine_tracks_norm:
+    def at_boundary(self) -> bool:
+        return bool(self.engine.is_gradient_accumulation_boundary())
+
+    def grad_norm(self) -> torch.Tensor | None:
+        if self._engine_tracks_norm or not self.at_boundary():
+            return None
+        if self._pending is None:
+            named = [(n, p.grad) for n, p in self.module.named_parameters() if p.grad is not None]
+            self._pending, self._param_norms = _total_norm(named)
+        return self._pending
+
+    def step(self, skip: bool = False) -> tuple[torch.Tensor | float | None, bool]:
+        if not self.at_boundary():
+            self.engine.step()
+            return None, False
+        norm = self.grad_norm()
+        skipped_before = self.engine.skipped_steps
+        optimizer = self.engine.optimizer
+        if norm is not None:
+            # DeepSpeed's own skip protocol (what its fp16/bf16 optimizers do on overflow): an optimizer
+            # reporting ``overflow`` makes the engine count a skipped step and hold the scheduler.
+            optimizer.overflow = skip
+            if skip:
+                optimizer.step = lambda *args, **kwargs: None  # this one step only: the update is not applied
+        try:
+            self.engine.step()
+        except Exception as e:
+            if "loss scale already at minimum" in str(e):
+                raise LossScaleFloor(str(e)) from e
+            raise
+        finally:
+            if skip:
+                del optimizer.step
+            self._pending = None
+        skipped = self.engine.skipped_steps > skipped_before
+        if not skipped:
+            self._rescale_after_schedule()
+        if norm is None:
             value = self.engine.get_global_grad_norm()
-            norm = None if value is None else torch.as_tensor(value, dtype=torch.float32)
-        return norm
+            norm = None if value is None else value
+        return norm, skipped
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        return self.engine.optimizer.param_groups
 
     def loss_scale(self) -> float | None:
         scale = getattr(self.engine.optimizer, "cur_scale", None) if self.engine.fp16_enabled() else None
@@ -272,6 +358,9 @@ class AccelerateBackend(Backend):
         self._skipped = 0
         self._accumulating = contextlib.ExitStack()
         self._in_micro_step = False
+        self._pending: torch.Tensor | None = None
+        self._param_norms: tuple[list[str], torch.Tensor] | None = None
+        self.lr_scale = 1.0
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
@@ -287,30 +376,49 @@ class AccelerateBackend(Backend):
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)  # divides by gradient_accumulation_steps
 
-    def step(self) -> torch.Tensor | None:
-        norm = None
-        if self.accelerator.sync_gradients:
-            if self.clip > 0:
-                norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip)
-            else:
+    def at_boundary(self) -> bool:
+        return bool(self.accelerator.sync_gradients)
+
+    def grad_norm(self) -> torch.Tensor | None:
+        if not self.at_boundary():
+            return None
+        if self._pending is None:
+            if self.accelerator.scaler is not None:
+                self.accelerator.unscale_gradients()  # once per step; the scaler remembers it did
+            named = [(n, p.grad) for n, p in self.module.named_parameters() if p.grad is not None]
+            norm, self._param_norms = _total_norm(named)
+            if self.clip > 0:  # what clip_grad_norm_ does, with the norm already in hand
+                torch.nn.utils.clip_grads_with_norm_([g for _, g in named], self.clip, norm)
+            self._pending = norm.detach()
+        return self._pending
+
+    def step(self, skip: bool = False) -> tuple[torch.Tensor | float | None, bool]:
+        norm, skipped = None, False
+        if self.at_boundary():
+            norm = self.grad_norm()
+            if skip:
+                skipped = True
                 if self.accelerator.scaler is not None:
-                    self.accelerator.unscale_gradients()
-                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                norm = torch.nn.utils.get_total_norm(grads)
-            norm = norm.detach().float()
-        self.optimizer.step()  # a no-op between accumulation boundaries
-        if self.accelerator.sync_gradients:
-            if self.optimizer.step_was_skipped:  # fp16 overflow: the scaler skipped the update
+                    self.accelerator.scaler.update()  # the unscale above must be closed by an update
+            else:
+                self.optimizer.step()
+                skipped = bool(self.optimizer.step_was_skipped)  # fp16 overflow: the scaler skipped it
+            if skipped:
                 self._skipped += 1
             elif self.scheduler is not None:
                 self.scheduler.step()
+                self._rescale_after_schedule()
         self.optimizer.zero_grad(set_to_none=True)
+        self._pending = None
         self._accumulating.close()
         self._in_micro_step = False
-        return norm
+        return norm, skipped
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
 
     def loss_scale(self) -> float | None:
         scaler = self.accelerator.scaler

@@ -4,6 +4,7 @@ Anything else is a bug and keeps its traceback.
 """
 
 EXIT_USER_ERROR = 2
+EXIT_UNSTABLE = 3  # the stability doctor stopped the run (non-finite values, or stuck at chance)
 
 
 class UserError(Exception):

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,8 +31,9 @@ from cifar10ds.batches import Augment, batches_per_epoch, eval_shard, shard_indi
 from cifar10ds.callbacks import EarlyStopping, describe_stop
 from cifar10ds.config import Config, total_micro_steps
 from cifar10ds.dist import DistInfo, all_reduce_sum, broadcast_object
-from cifar10ds.engine import Backend
+from cifar10ds.engine import Backend, LossScaleFloor
 from cifar10ds.errors import ConfigError
+from cifar10ds.stability import CONTINUE, ROLLBACK, STOP, Context, Monitor, format_diagnosis
 from cifar10ds.tracking import Reporter
 
 
@@ -75,7 +77,7 @@ class EpochSums:
 
     def to_plain(self) -> dict[str, Any]:
         return {"sums": self.sums.tolist(), "losses": [float(v) for v in self.losses],
-                "norms": [(s, float(n), lr, scale) for s, n, lr, scale in self.norms], "time": self.time}
+                "norms": [(s, float(n), lr, scale, *rest) for s, n, lr, scale, *rest in self.norms], "time": self.time}
 
 
 class StopSignal:
@@ -186,6 +188,8 @@ class Fault:
 
     After micro step ``step`` on ``rank`` (default: every rank): ``sigterm``/``sigint`` send that
     signal to this process, ``sigkill`` SIGKILL, ``raise`` raises RuntimeError, ``hang`` sleeps for good.
+    ``nan``/``inf`` make the loss of micro step ``step`` non-finite before backward, once per process
+    (a rollback replays the step without it).
     """
 
     def __init__(self, spec: str | None, rank: int) -> None:
@@ -194,6 +198,12 @@ class Fault:
             kind, step, *who = spec.split("@")
             if not who or int(who[0]) == rank:
                 self.kind, self.step = kind, int(step)
+
+    def poison(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step != self.step or self.kind not in ("nan", "inf"):
+            return loss
+        value, self.kind = float(self.kind), None
+        return loss * value
 
     def maybe(self, step: int) -> None:
         if step != self.step:
@@ -206,6 +216,53 @@ class Fault:
             raise RuntimeError(f"injected fault at step {step}")
         elif self.kind == "hang":
             time.sleep(10**6)
+
+
+def make_monitor(cfg: Config, backend: Backend, info: DistInfo, data: DeviceData) -> Monitor:
+    import models
+
+    def warn(line: str) -> None:
+        if info.is_main:
+            print(line, file=sys.stderr, flush=True)
+
+    opt = cfg.ds["optimizer"]
+    context = Context(
+        model=cfg.trainer.model, has_normalization=models.has_normalization(backend.module), precision=cfg.precision,
+        optimizer=opt["type"], lr=float(opt.get("params", {}).get("lr", backend.lr())),
+        gradient_clipping=float(cfg.ds["gradient_clipping"]),
+        num_classes=max(int(data.train_y.max()) + 1, 2) if len(data.train_y) else 10,
+        models_available=tuple(models.list_models()),
+    )
+    return Monitor(cfg.trainer.stability, context, warn)
+
+
+def checked_step(backend: Backend, monitor: Monitor, loss: torch.Tensor, lr: float, step: int
+                 ) -> tuple[float | None, bool, str]:
+    """backend.step() with the doctor's checks: (norm, skipped, action) with host values.
+
+    Where the engine leaves the update to us, a non-finite global norm skips it (on every rank
+    alike: the norm comes from the all-reduced gradients). One device-to-host read per optimizer
+    step carries both the loss and the norm.
+    """
+    if not backend.at_boundary():
+        backend.step()
+        return None, False, CONTINUE
+    pre, layer, skip = backend.grad_norm(), None, False
+    if pre is not None:
+        loss_v, norm_v = torch.stack([loss.detach().float(), pre.float()]).tolist()
+        skip = not math.isfinite(norm_v)
+        layer = backend.nonfinite_layer() if skip else None
+    try:
+        norm, skipped = backend.step(skip=skip)
+    except LossScaleFloor:
+        return None, True, monitor.loss_scale_floor(step, lr)
+    if pre is None:  # the engine measured it inside step() (and has already synchronised to do so)
+        values = [loss.detach().float()] + ([] if norm is None else [torch.as_tensor(norm).float().to(loss.device)])
+        loss_v, *rest = torch.stack(values).tolist()
+        norm_v = rest[0] if rest else None
+    applied = not skipped and norm_v is not None and not math.isfinite(norm_v)
+    action = monitor.observe_step(step, loss_v, norm_v, lr, backend.loss_scale(), skipped, layer, applied)
+    return norm_v, skipped, action
 
 
 def _sync(device: torch.device) -> None:
@@ -253,11 +310,15 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
     stopper = EarlyStopping(t.early_stopping)
     checkpointer = Checkpointer(cfg, ckpt_dir, backend, info, augment, reporter.say)
     checkpointer.epoch_identity["train_images"] = n_train
+    monitor = make_monitor(cfg, backend, info, data) if t.stability.enabled else None
     progress = Progress()
     if resume is not None:
         state, partial = checkpointer.restore(resume)
         progress = Progress(**state["progress"], partial=partial)
         stopper.load_state_dict(state["early_stopping"])
+        if monitor is not None and "stability" in state:
+            monitor.load_state_dict(state["stability"])
+            backend.set_lr_scale(monitor.seen.lr_scale, current=monitor.seen.lr_scale)
         reporter.resume(progress.history, progress.step, progress.wandb_id)
         reporter.say(f"resumed from {resume.path} (epoch {progress.epoch + 1}, step {progress.step})")
     else:
@@ -274,11 +335,36 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
         before = progress.elapsed
         progress.elapsed = elapsed()  # what the checkpoint records; this process keeps counting from start
         shared = {k: v for k, v in progress.state_dict().items() if k != "partial"}  # partial is per rank
-        tag = checkpointer.save(progress, {"progress": shared, "early_stopping": stopper.state_dict()}, reason)
+        client_state = {"progress": shared, "early_stopping": stopper.state_dict()}
+        if monitor is not None:
+            client_state["stability"] = monitor.state_dict()
+        tag = checkpointer.save(progress, client_state, reason)
         progress.elapsed = before
         return tag
 
+    def rollback() -> None:
+        """Reload the newest committed checkpoint and go on at a lower lr (every rank, together)."""
+        nonlocal progress
+        assert monitor is not None
+        found = broadcast_object(ckpt.find_resume(ckpt_dir, reporter.say) if info.is_main else None)
+        if found is None:
+            raise RuntimeError(f"no committed checkpoint in {ckpt_dir} to roll back to")
+        seen = monitor.seen
+        scale = seen.lr_scale * t.stability.rollback_lr_factor
+        state, partial = checkpointer.restore(found)
+        progress = Progress(**{**state["progress"], "wandb_id": progress.wandb_id}, partial=partial)
+        stopper.load_state_dict(state["early_stopping"])
+        saved = state.get("stability", {}).get("seen", {})
+        backend.set_lr_scale(scale, current=saved.get("lr_scale", 1.0))
+        seen.rollbacks += 1
+        seen.lr_scale, seen.consecutive_skips, seen.stuck_epochs = scale, 0, saved.get("stuck_epochs", 0)
+        reporter.rewind(progress.history, progress.step)
+        reporter.say(f"stability: rolled back to {found.path.name} (step {progress.step}); training on at "
+                     f"lr x{scale:g} (rollback {seen.rollbacks} of {t.stability.max_rollbacks})")
+
     stop_reason, signum = "completed", 0
+    if monitor is not None and t.stability.on_nonfinite == "rollback" and resume is None:
+        save("start")  # something to roll back to before the first epoch ends
     try:
         if progress.finished:
             stop_reason = progress.finished
@@ -288,6 +374,7 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
             steps = min(per_epoch, total_micro - epoch * per_epoch)
             shard = shard_indices(n_train, info.world_size, info.rank, epoch, t.seed).to(device)
             acc = EpochSums(device, progress.partial)
+            doctor = CONTINUE
             first_step = progress.step - progress.step_in_epoch + 1
             backend.train(True)
             bar = reporter.progress(steps, f"epoch {epoch + 1}/{n_epochs}", initial=progress.step_in_epoch)
@@ -298,19 +385,23 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                 y = data.train_y[idx]
                 logits = backend.forward(augment(data.train_x[idx]))
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
-                backend.backward(loss)
+                backend.backward(fault.poison(progress.step + 1, loss))
                 lr = backend.lr()  # the lr this step uses (the engine's scheduler moves on inside step())
-                norm = backend.step()
+                if monitor is None:
+                    norm, skipped = backend.step()
+                else:
+                    norm, skipped, doctor = checked_step(backend, monitor, loss, lr, progress.step + 1)
                 progress.step += 1
                 fault.maybe(progress.step)
                 progress.step_in_epoch = b + 1
                 loss = loss.detach()
                 acc.losses.append(loss)
                 if norm is not None:  # an optimizer step: its lr and loss scale are host values, no sync
-                    acc.norms.append((progress.step, norm, lr, backend.loss_scale()))
-                acc.sums[0] += loss * len(y)
-                acc.sums[1] += (logits.detach().argmax(1) == y).sum()
-                acc.sums[2] += len(y)
+                    acc.norms.append((progress.step, norm, lr, backend.loss_scale(), skipped))
+                if not skipped:  # a skipped step trained nothing: keep it out of the epoch's averages
+                    acc.sums[0] += loss * len(y)
+                    acc.sums[1] += (logits.detach().argmax(1) == y).sum()
+                    acc.sums[2] += len(y)
                 if bar is not None:
                     bar.update()
                     if b % 50 == 0:  # one host sync per 50 steps, for the eye only
@@ -319,18 +410,30 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                 # window are not in any checkpoint.
                 signum = signals.agreed() if progress.step % accumulation == 0 else 0
                 every = t.checkpoint.every_steps
-                if signum or (every and progress.step % every == 0 and b + 1 < steps):
+                stopping = signum or doctor in (STOP, ROLLBACK)
+                if stopping or (every and progress.step % every == 0 and b + 1 < steps):
                     _sync(device)
                     now = time.perf_counter()
                     acc.time += now - t0
                     progress.train_time += now - t0
                     progress.partial = acc.to_plain()
-                    if signum:
+                    if stopping:
                         break
                     save("every_steps")
                     t0 = time.perf_counter()  # time spent saving is not training time
             if bar is not None:
                 bar.close()
+            if doctor == ROLLBACK and not signum:
+                doctor = CONTINUE
+                rollback()
+                continue
+            if doctor == STOP and not signum:
+                stop_reason = "nonfinite"
+                if monitor is not None and not monitor.seen.applied_nonfinite:  # never save non-finite weights
+                    tag = save("nonfinite")
+                    reporter.say(f"stopped at step {progress.step}; checkpoint {ckpt_dir / tag} holds the last "
+                                 "finite weights")
+                break
             if signum:
                 tag = save("signal")
                 reporter.say(f"stopped by signal {signal.Signals(signum).name} at step {progress.step}; "
@@ -349,6 +452,8 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
             # Metrics are identical on every rank after the all-reduce, but the clock is not:
             # rank 0 decides and every rank follows.
             stop, reason = broadcast_object(stopper.update(m, m["elapsed_s"]))
+            if monitor is not None and monitor.observe_epoch(epoch + 1, m["val_acc"]) == STOP and not stop:
+                stop, reason = True, "stuck"
             stop = stop and progress.epoch < n_epochs
             if stop:
                 progress.finished = reason
@@ -362,13 +467,17 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                     save("epoch")
             if stop:
                 stop_reason = reason
-                reporter.say(describe_stop(reason, t.early_stopping, m, progress.epoch))
+                if reason != "stuck":
+                    reporter.say(describe_stop(reason, t.early_stopping, m, progress.epoch))
                 break
     finally:
         signals.restore()
 
     history = progress.history
     best = max(history, key=lambda h: h["val_acc"]) if history else None
+    diagnosis = monitor.diagnosis() if monitor is not None else None
+    if diagnosis is not None and info.is_main:
+        print(format_diagnosis(diagnosis), file=sys.stderr, flush=True)
     return {
         "final_val_acc": history[-1]["val_acc"] if history else None,
         "best_val_acc": best["val_acc"] if best else None,
@@ -382,6 +491,12 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
         "train_images_per_s": progress.images / progress.train_time if progress.train_time > 0 and progress.images else None,
         "resumed_from": str(resume.path) if resume else None,
         "best_checkpoint": str(ckpt_dir / progress.best_tag) if progress.best_tag else None,
+        # the engine's own counter restarts from a checkpoint at a rollback; the monitor's does not
+        "skipped_steps": backend.skipped_steps if monitor is None else max(monitor.seen.skipped_steps, backend.skipped_steps),
+        "stability": None if monitor is None else {
+            k: getattr(monitor.seen, k) for k in ("nonfinite_steps", "grad_norm_warnings", "loss_spikes", "rollbacks",
+                                                   "lr_scale", "max_grad_norm")},
+        "diagnosis": diagnosis,
     }
 
 
@@ -393,23 +508,30 @@ def _finish_epoch(backend: Backend, data: DeviceData, cfg: Config, info: DistInf
     losses = all_reduce_sum(torch.stack(acc.losses).double()) / info.world_size
     progress.images += int(count)
     val_loss, val_acc = evaluate(backend, data, augment, info, cfg.trainer.data.eval_batch_size)
-    norms = [float(n) for _, n, _, _ in acc.norms]
-    rows = [{"step": first_step + i, "epoch": epoch + 1, "loss": float(v)} for i, v in enumerate(losses)]
-    for s, n, lr, scale in acc.norms:
-        rows[s - first_step].update(grad_norm=float(n), lr=lr)
+    norms = [float(n) for _, n, *_ in acc.norms]
+    finite = [n for n in norms if math.isfinite(n)]
+    rows: list[dict[str, Any]] = []
+    for i, v in enumerate(losses.tolist()):
+        rows.append({"step": first_step + i, "epoch": epoch + 1, "loss": v if math.isfinite(v) else None})
+    for s, n, lr, scale, *rest in acc.norms:
+        n = float(n)
+        row = rows[s - first_step]
+        row.update(grad_norm=n if math.isfinite(n) else None, lr=lr)
         if scale is not None:
-            rows[s - first_step]["loss_scale"] = scale
+            row["loss_scale"] = scale
+        if rest and rest[0]:
+            row["skipped"] = True
     return {
         "epoch": epoch + 1,
         "epoch_fraction": steps / per_epoch,
         "step": progress.step,
-        "train_loss": loss_sum / count,
-        "train_acc": correct / count,
+        "train_loss": loss_sum / count if count else None,
+        "train_acc": correct / count if count else None,
         "val_loss": val_loss,
         "val_acc": val_acc,
         "lr": backend.lr(),
-        "grad_norm": sum(norms) / len(norms) if norms else None,
-        "grad_norm_max": max(norms) if norms else None,
+        "grad_norm": sum(finite) / len(finite) if finite else None,
+        "grad_norm_max": max(finite) if finite else None,
         "epoch_time_s": epoch_time,
         "elapsed_s": elapsed(),
         "skipped_steps": backend.skipped_steps,

@@ -55,6 +55,10 @@ class Reporter:
     def resume(self, history: list[dict[str, Any]], step: int, wandb_id: str | None = None) -> None:
         """A resumed run: the metric files hold exactly what the checkpoint had seen, no more."""
         self.wandb_id = self.wandb.start(self.run_config, self.out_dir.name, wandb_id)
+        self.rewind(history, step)
+
+    def rewind(self, history: list[dict[str, Any]], step: int) -> None:
+        """Cut metrics.jsonl and steps.jsonl back to what a checkpoint at ``step`` had seen."""
         if not self.is_main:
             return
         (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -97,8 +101,9 @@ class Reporter:
         self.append_jsonl("steps.jsonl", steps)
         self.wandb.log(m, steps)
         gn = "n/a" if m["grad_norm"] is None else f"{m['grad_norm']:.3g}"
+        loss = "n/a" if m["train_loss"] is None else f"{m['train_loss']:.4f}"
         self.say(
-            f"Epoch [{m['epoch']}/{total_epochs}] loss {m['train_loss']:.4f} val_acc {100 * m['val_acc']:.2f}% "
+            f"Epoch [{m['epoch']}/{total_epochs}] loss {loss} val_acc {100 * m['val_acc']:.2f}% "
             f"lr {m['lr']:.4g} grad_norm {gn} {m['epoch_time_s']:.1f}s total {m['elapsed_s']:.1f}s"
         )
 

@@ -40,5 +40,11 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def has_normalization(model: nn.Module) -> bool:
+    """BatchNorm, GroupNorm, LayerNorm or InstanceNorm anywhere in the model."""
+    kinds = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
 # Registration happens on import; keep these last.
-from models import bn_cnn, resnet, simple_cnn  # noqa: E402,F401
+from models import bn_cnn, cnn3, resnet, simple_cnn  # noqa: E402,F401

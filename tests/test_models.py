@@ -27,6 +27,9 @@ def test_every_model_trains_one_step_on_cpu(name):
     ("bn_cnn", 268_746, True),  # the write-up's "~300K"
     ("simple_cnn", 2_122_186, False),
     ("resnet9", 6_573_120, True),
+    ("cnn3", 2_159_114, False),  # the write-up's exploding 3-conv network, "~2.1M"
+    ("cnn3_bn", 2_159_434, True),
+    ("cnn3_fanin", 2_159_114, False),
 ])
 def test_parameter_counts(name, params, batchnorm):
     model = models.create_model(name)
@@ -35,7 +38,7 @@ def test_parameter_counts(name, params, batchnorm):
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(KeyError, match="unknown model 'vgg'; valid names: bn_cnn, resnet18, resnet9, simple_cnn"):
+    with pytest.raises(KeyError, match="unknown model 'vgg'; valid names: bn_cnn, cnn3, cnn3_bn, cnn3_fanin, resnet18, resnet9, simple_cnn"):
         models.create_model("vgg")
 
 
@@ -59,3 +62,17 @@ def test_batchnorm_computes_in_fp32_with_half_weights(dtype):
     torch.testing.assert_close(out.float(), ref(x.to(dtype).float()), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
     assert int(bn.num_batches_tracked) == 1
+
+
+def test_cnn3_variants_change_one_thing():
+    torch.manual_seed(0)
+    plain = models.create_model("cnn3")
+    torch.manual_seed(0)
+    fanin = models.create_model("cnn3_fanin")
+    # fan_out draws conv weights with std sqrt(2 / (out * 9)), fan_in with sqrt(2 / (in * 9)); linear x 0.5 on top
+    w_out, w_in = plain.convs[2].weight, fanin.convs[2].weight
+    assert abs(w_out.std().item() - (2 / (64 * 9)) ** 0.5) < 0.005
+    assert abs(w_in.std().item() - (2 / (64 * 9)) ** 0.5) < 0.005
+    assert abs(fanin.fc1.weight.std().item() - 0.5 * (2 / 4096) ** 0.5) < 0.001
+    assert abs(plain.fc1.weight.std().item() - (2 / 512) ** 0.5) < 0.002
+    assert not models.has_batchnorm(plain) and models.has_batchnorm(models.create_model("cnn3_bn"))
