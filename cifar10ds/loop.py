@@ -359,7 +359,7 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
         seen.rollbacks += 1
         seen.lr_scale, seen.consecutive_skips, seen.stuck_epochs = scale, 0, saved.get("stuck_epochs", 0)
         reporter.rewind(progress.history, progress.step)
-        reporter.say(f"stability: rolled back to {found.path.name} (step {progress.step}); training on at "
+        monitor.warn(f"stability: rolled back to {found.path.name} (step {progress.step}); training on at "
                      f"lr x{scale:g} (rollback {seen.rollbacks} of {t.stability.max_rollbacks})")
 
     stop_reason, signum = "completed", 0
@@ -384,8 +384,8 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                 idx = shard[b * micro : (b + 1) * micro]
                 y = data.train_y[idx]
                 logits = backend.forward(augment(data.train_x[idx]))
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
-                backend.backward(fault.poison(progress.step + 1, loss))
+                loss = fault.poison(progress.step + 1, F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing))
+                backend.backward(loss)
                 lr = backend.lr()  # the lr this step uses (the engine's scheduler moves on inside step())
                 if monitor is None:
                     norm, skipped = backend.step()
