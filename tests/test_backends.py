@@ -80,3 +80,38 @@ def test_accelerate_names_what_it_ignores():
         "the accelerate backend ignores DeepSpeed key(s) activation_checkpointing, fp16.initial_scale_power"
     ]
     assert check_accelerate_config(BASE) == []
+
+
+class _FakeEngine:
+    """Just what DeepSpeedBackend.step touches, for an fp16 engine whose loss scaler hit its floor."""
+
+    skipped_steps = 0
+    optimizer = None
+
+    def is_gradient_accumulation_boundary(self):
+        return True
+
+    def step(self):
+        raise Exception("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run.")
+
+
+def test_deepspeed_loss_scale_floor_becomes_its_own_exception():
+    from cifar10ds.engine import DeepSpeedBackend, LossScaleFloor
+
+    backend = object.__new__(DeepSpeedBackend)
+    backend.engine, backend._engine_tracks_norm, backend._pending, backend.lr_scale = _FakeEngine(), True, None, 1.0
+    with pytest.raises(LossScaleFloor, match="already at minimum"):
+        backend.step()
+
+
+def test_nonfinite_layer_is_the_one_nearest_the_output():
+    import torch
+
+    from cifar10ds.engine import Backend
+
+    backend = object.__new__(Backend)
+    backend._param_norms = (["conv1.weight", "conv1.bias", "fc1.weight", "fc2.weight", "fc2.bias"],
+                            torch.tensor([float("nan"), 1.0, float("inf"), 2.0, 3.0]))
+    assert backend.nonfinite_layer() == "fc1"
+    backend._param_norms = (["a.weight"], torch.tensor([1.0]))
+    assert backend.nonfinite_layer() is None
