@@ -385,10 +385,10 @@ class AccelerateBackend(Backend):
         if self._pending is None:
             if self.accelerator.scaler is not None:
                 self.accelerator.unscale_gradients()  # once per step; the scaler remembers it did
-            named = [(n, p.grad) for n, p in self.module.named_parameters() if p.grad is not None]
-            norm, self._param_norms = _total_norm(named)
-            if self.clip > 0:  # what clip_grad_norm_ does, with the norm already in hand
-                torch.nn.utils.clip_grads_with_norm_([g for _, g in named], self.clip, norm)
+            params = [(n, p) for n, p in self.module.named_parameters() if p.grad is not None]
+            norm, self._param_norms = _total_norm([(n, p.grad) for n, p in params])
+            if self.clip > 0:  # what clip_grad_norm_ does, with the norm already in hand (it takes parameters)
+                torch.nn.utils.clip_grads_with_norm_([p for _, p in params], self.clip, norm)
             self._pending = norm.detach()
         return self._pending
 
