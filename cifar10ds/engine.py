@@ -223,9 +223,8 @@ class DeepSpeedBackend(Backend):
         skipped = self.engine.skipped_steps > skipped_before
         if not skipped:
             self._rescale_after_schedule()
-        if norm is None:
-            value = self.engine.get_global_grad_norm()
-            norm = None if value is None else value
+        if norm is None:  # fp16/bf16/ZeRO: the engine measured it inside step()
+            norm = self.engine.get_global_grad_norm()
         return norm, skipped
 
     def lr(self) -> float:
