@@ -35,6 +35,7 @@ from pathlib import Path
 # The script's folder is on sys.path under every launcher, so `models` and `cifar10ds`
 # import from the checkout; neither is installed into site-packages (see README).
 import models
+from cifar10ds.dist import release_shm_buffers
 from cifar10ds.errors import EXIT_UNSTABLE, EXIT_USER_ERROR, UserError, print_line
 
 
@@ -224,8 +225,11 @@ def main(argv: list[str] | None = None) -> int:
                 torch_dist.barrier()
             except Exception:
                 pass
+            release_shm_buffers()  # os._exit skips the finally below
             os._exit(EXIT_USER_ERROR)
         return EXIT_USER_ERROR
+    finally:
+        release_shm_buffers()  # every rank has mapped its peers' buffers at start-up: the names can go
     if torch_dist.is_initialized():
         torch_dist.barrier()  # rank 0 may still be writing summary.json
         torch_dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -70,11 +71,17 @@ def test_one_process_run_writes_its_outputs(tmp_path, data, config):
     assert "--deepspeed_config" in manifest["command"] and "git_dirty" in manifest
 
 
+def shm_buffers(port: int) -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def test_two_ranks_under_the_deepspeed_launcher(tmp_path, data, config):
     out = tmp_path / "out"
+    port = free_port()
     r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out)], tmp_path,
-                timeout=300, launcher=deepspeed_launcher(2, free_port()))
+                timeout=300, launcher=deepspeed_launcher(2, port))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert shm_buffers(port) == []  # DeepSpeed leaves 64 MiB per rank in /dev/shm; the trainer removes them
     summary, metrics, steps, resolved = read_run(out)
     assert summary["world_size"] == 2
     assert resolved["train_micro_batch_size_per_gpu"] == 10  # 20 across 2 ranks
@@ -154,8 +161,10 @@ def test_user_errors_exit_2_with_one_line(tmp_path, data, config, args, message)
 
 
 def test_user_error_on_every_rank(tmp_path, data, config):
+    port = free_port()
     r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(tmp_path / "missing"), "--output-dir",
-                 str(tmp_path / "out")], tmp_path, timeout=300, launcher=deepspeed_launcher(2, free_port()))
+                 str(tmp_path / "out")], tmp_path, timeout=300, launcher=deepspeed_launcher(2, port))
+    assert shm_buffers(port) == []
     # Rank 0 looked for the data; both ranks stop with its message instead of waiting forever.
     assert_user_error(r, "data error: no CIFAR-10 data in", ranks=2)
     assert "[rank 0]" in r.stderr and "[rank 1]" in r.stderr
