@@ -1,0 +1,288 @@
+"""CPU throughput: the whole trainer against a hand-written loop and a tutorial DataLoader loop, side by side.
+
+    python scripts/bench_cpu.py --data-dir ../shared/data/cifar10-jpeg.tar.gz
+    python scripts/bench_cpu.py --data-dir data --images 10000 --rounds 3 --json bench.json
+
+Three contenders train the same model (same seed) on the same N training images for one epoch each,
+one process, fp32, SGD lr 0.01 momentum 0.9, gradient clipping 1.0, random crop (pad 4, reflect) + flip:
+
+* trainer:    ``python cifar10_deepspeed.py --deepspeed_config configs/bn_cnn_stable.json ...`` as a
+              subprocess, exactly as a user runs it; its own ``train_images_per_s`` from summary.json;
+* hand:       a plain PyTorch loop over pre-batched uint8 tensors, batch augmentation with tensor ops;
+* dataloader: the tutorial pipeline: a per-sample ``Dataset`` (float tensor, crop, flip, normalize per
+              image) in a ``DataLoader(batch_size, shuffle=True, num_workers=2)`` (the PyTorch tutorial's).
+
+The trainer's N images are its ``trainer.data.train_limit`` subset (seeded, class-balanced); the other two
+use the very same images (``balanced_subset`` with the same seed). The three run interleaved for
+``--rounds`` rounds (the order rotates each round) with the same thread count; the ratios compare the
+per-contender means. Speed claims come from this side-by-side run, never from timed tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+import models  # noqa: E402
+from cifar10ds.batches import MEAN, STD  # noqa: E402
+from cifar10ds.data import balanced_subset, load_cifar10  # noqa: E402
+from cifar10ds.errors import EXIT_USER_ERROR, DataError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAINER = ROOT / "cifar10_deepspeed.py"
+CONFIG = ROOT / "configs" / "bn_cnn_stable.json"
+CONTENDERS = ("trainer", "hand", "dataloader")
+TARGETS = {"trainer/hand": 0.9, "trainer/dataloader": 1.8}  # issue 6
+LR, MOMENTUM, CLIP, PAD, SEED = 0.01, 0.9, 1.0, 4, 0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _fresh(model_name: str, num_classes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(SEED)  # the trainer seeds the same way before create_model (trainer.seed 0)
+    model = models.create_model(model_name, num_classes=num_classes)
+    return model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+
+
+# ---------------------------------------------------------------------------------- contenders
+
+
+def run_trainer(args: argparse.Namespace, n: int, threads: int) -> dict:
+    """The real trainer as a subprocess; its own train_images_per_s (the epoch's loop, no eval)."""
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        out = Path(tmp) / "run"
+        cmd = [
+            sys.executable, str(TRAINER), "--deepspeed_config", str(CONFIG), "--data-dir", args.data_dir,
+            "--output-dir", str(out), "--quiet",
+            "--set", "trainer.epochs=1",
+            "--set", "trainer.warmup_epochs=0.2",  # the preset's 5 warmup epochs do not fit in one
+            "--set", f"trainer.data.train_limit={n}",
+            "--set", f"trainer.data.test_limit={args.test_limit}",
+            "--set", "trainer.data.download=false",
+            "--set", "trainer.checkpoint.every_epochs=null",
+            "--set", f"trainer.model={args.model}",
+            "--set", f"train_batch_size={args.batch}",
+        ]
+        if args.cache_dir:
+            cmd += ["--set", f"trainer.data.cache_dir={args.cache_dir}"]
+        # The trainer keeps torch's default (all cores) in one process; pin it to the same count as here.
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+            env.pop(key, None)
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the trainer failed (exit {done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
+        summary = json.loads((out / "summary.json").read_text())
+        first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        if summary["train_images"] != n:
+            raise RuntimeError(f"the trainer trained on {summary['train_images']} images, expected {n}")
+        return {"images_per_s": summary["train_images_per_s"], "train_time_s": summary["train_time_s"],
+                "train_loss": first["train_loss"], "command": cmd}
+
+
+def crop_flip_batch(x: torch.Tensor, g: torch.Generator, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, per-image random crop (reflect pad) + flip, normalized."""
+    x = x.float()
+    n, c, h, w = x.shape
+    padded = F.pad(x, (PAD, PAD, PAD, PAD), mode="reflect")
+    dy = torch.randint(0, 2 * PAD + 1, (n, 1), generator=g)
+    dx = torch.randint(0, 2 * PAD + 1, (n, 1), generator=g)
+    rows = (dy + torch.arange(h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * PAD)
+    x = padded.gather(2, rows)
+    cols = (dx + torch.arange(w)).view(n, 1, 1, w).expand(n, c, h, w)
+    x = x.gather(3, cols)
+    flip = torch.rand(n, generator=g) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    return (x - mean) / std
+
+
+def run_hand(x_all: torch.Tensor, y_all: torch.Tensor, args: argparse.Namespace, num_classes: int, rnd: int) -> dict:
+    """A plain loop over pre-batched tensors; only the loop is timed."""
+    model, opt = _fresh(args.model, num_classes)
+    g = torch.Generator().manual_seed(SEED * 1000 + rnd)
+    perm = torch.randperm(len(y_all), generator=g)
+    xs, ys = x_all[perm].split(args.batch), y_all[perm].split(args.batch)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    model.train()
+    t0 = time.perf_counter()
+    for xb, yb in zip(xs, ys):
+        logits = model(crop_flip_batch(xb, g, mean, std))
+        loss = F.cross_entropy(logits, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        loss_sum += loss.detach() * len(yb)
+    seconds = time.perf_counter() - t0
+    return {"images_per_s": len(y_all) / seconds, "train_time_s": seconds, "train_loss": loss_sum.item() / len(y_all)}
+
+
+class TutorialDataset(Dataset):
+    """One image at a time, as the tutorials do (ToTensor, RandomCrop(32, 4), RandomHorizontalFlip, Normalize)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.mean = torch.tensor(MEAN).view(3, 1, 1)
+        self.std = torch.tensor(STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.x[i].float() / 255
+        _, h, w = img.shape
+        img = F.pad(img, (PAD, PAD, PAD, PAD), mode="reflect")
+        top, left = torch.randint(0, 2 * PAD + 1, (2,)).tolist()
+        img = img[:, top : top + h, left : left + w]
+        if torch.rand(1).item() < 0.5:
+            img = img.flip(2)
+        return (img - self.mean) / self.std, int(self.y[i])
+
+
+def run_dataloader(x_all: torch.Tensor, y_all: torch.Tensor, args: argparse.Namespace, num_classes: int,
+                   rnd: int) -> dict:
+    """The tutorial pipeline; the timed loop includes starting the workers, as every epoch does."""
+    model, opt = _fresh(args.model, num_classes)
+    loader = DataLoader(TutorialDataset(x_all, y_all), batch_size=args.batch, shuffle=True,
+                        num_workers=args.workers, generator=torch.Generator().manual_seed(SEED * 1000 + rnd))
+    loss_sum, images = 0.0, 0
+    model.train()
+    t0 = time.perf_counter()
+    for xb, yb in loader:
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        loss_sum += loss.item() * len(yb)
+        images += len(yb)
+    seconds = time.perf_counter() - t0
+    return {"images_per_s": images / seconds, "train_time_s": seconds, "train_loss": loss_sum / images}
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def summarize(rounds: list[dict[str, dict]]) -> dict:
+    per = {name: [r[name]["images_per_s"] for r in rounds] for name in CONTENDERS}
+    mean = {name: sum(v) / len(v) for name, v in per.items()}
+    ratios = {"trainer/hand": mean["trainer"] / mean["hand"], "trainer/dataloader": mean["trainer"] / mean["dataloader"]}
+    return {
+        "contenders": {name: {"mean_images_per_s": mean[name], "per_round_images_per_s": per[name],
+                              "train_loss_per_round": [r[name]["train_loss"] for r in rounds],
+                              "train_time_s_per_round": [r[name]["train_time_s"] for r in rounds]}
+                       for name in CONTENDERS},
+        "ratios": ratios,
+        "targets": TARGETS,
+        "pass": {k: ratios[k] >= TARGETS[k] for k in TARGETS},
+    }
+
+
+def table(result: dict) -> str:
+    rounds = len(result["contenders"]["trainer"]["per_round_images_per_s"])
+    head = "| contender | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " | mean images/s | trainer / this |"
+    lines = [head, "|---" * (rounds + 3) + "|"]
+    for name in CONTENDERS:
+        c = result["contenders"][name]
+        ratio = "1.00" if name == "trainer" else f"{result['ratios'][f'trainer/{name}']:.2f}"
+        cells = " | ".join(f"{v:,.0f}" for v in c["per_round_images_per_s"])
+        lines.append(f"| {name} | {cells} | {c['mean_images_per_s']:,.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", required=True, help="CIFAR-10 as a folder or .tar.gz (anything the trainer accepts)")
+    p.add_argument("--images", type=int, default=10_000, help="training images per epoch (default 10000)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three contenders (default 3)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--model", default="bn_cnn")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader num_workers (default 2, the PyTorch tutorial's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for all three (default: torch's, all cores)")
+    p.add_argument("--test-limit", type=int, default=500, help="the trainer's end-of-epoch evaluation images (untimed)")
+    p.add_argument("--cache-dir", default=None, help="decoded-data cache (default: the trainer's)")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write the numbers here")
+    args = p.parse_args(argv)
+    if args.images < 2 or args.rounds < 1 or args.batch < 1:
+        p.error("--images must be >= 2, --rounds and --batch >= 1")
+    if Path(args.data_dir).expanduser().exists():  # the trainer runs from the repo root
+        args.data_dir = str(Path(args.data_dir).expanduser().resolve())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    try:
+        data = load_cifar10(args.data_dir, download=False, cache_dir=args.cache_dir)
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    n = min(args.images, len(data.train_y))
+    idx = balanced_subset(data.train_y, n, seed=0)  # the trainer's train_limit subset (subset_seed 0)
+    x_all = data.train_x if idx is None else data.train_x[idx].contiguous()
+    y_all = data.train_y if idx is None else data.train_y[idx]
+    print(f"{args.model}, batch {args.batch}, fp32, {n} images x {args.rounds} rounds, {threads} threads, "
+          f"DataLoader num_workers={args.workers}; {cpu_model()}, torch {torch.__version__}", flush=True)
+
+    rounds: list[dict[str, dict]] = []
+    trainer_cmd: list[str] = []
+    for r in range(args.rounds):
+        order = CONTENDERS[r % 3:] + CONTENDERS[: r % 3]  # rotate, so no contender always runs first
+        result: dict[str, dict] = {}
+        for name in order:
+            if name == "trainer":
+                result[name] = run_trainer(args, n, threads)
+                trainer_cmd = result[name].pop("command")
+            elif name == "hand":
+                result[name] = run_hand(x_all, y_all, args, data.num_classes, r)
+            else:
+                result[name] = run_dataloader(x_all, y_all, args, data.num_classes, r)
+            print(f"round {r + 1}/{args.rounds} {name:<10} {result[name]['images_per_s']:8,.0f} images/s "
+                  f"({result[name]['train_time_s']:.1f}s, train_loss {result[name]['train_loss']:.3f})", flush=True)
+        rounds.append(result)
+
+    out = summarize(rounds)
+    print()
+    print(table(out))
+    print()
+    for key, target in TARGETS.items():
+        verdict = "PASS" if out["pass"][key] else "FAIL"
+        print(f"{verdict}: {key} = {out['ratios'][key]:.2f} (target >= {target})")
+    if args.json:
+        report = {
+            **out,
+            "model": args.model, "batch": args.batch, "images": n, "rounds": args.rounds, "precision": "fp32",
+            "threads": threads, "dataloader_workers": args.workers, "processes": 1,
+            "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(), "data_dir": args.data_dir, "trainer_command": trainer_cmd,
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
