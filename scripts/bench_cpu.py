@@ -21,6 +21,7 @@ per-contender means. Speed claims come from this side-by-side run, never from ti
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ CONFIG = ROOT / "configs" / "bn_cnn_stable.json"
 CONTENDERS = ("trainer", "hand", "dataloader")
 TARGETS = {"trainer/hand": 0.9, "trainer/dataloader": 1.8}  # issue 6
 LR, MOMENTUM, CLIP, PAD, SEED = 0.01, 0.9, 1.0, 4, 0
+BUSY_CORES = 0.1  # other processes' average load above which a measurement is flagged
 
 
 def cpu_model() -> str:
@@ -57,6 +59,40 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+class ForeignLoad:
+    """CPU time other processes used while a contender ran (from /proc/stat minus our own, children included).
+
+    Each contender wants all cores; work from anyone else shows up here and makes that number unreliable.
+    """
+
+    def __init__(self) -> None:
+        self.start = self._busy_s(), self._own_s(), time.perf_counter()
+
+    @staticmethod
+    def _busy_s() -> float | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        guest = sum(fields[8:10])  # already counted in user/nice
+        return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_s() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def cores(self) -> float | None:
+        """Average number of cores kept busy by other processes since construction."""
+        busy0, own0, wall0 = self.start
+        busy1 = self._busy_s()
+        if busy0 is None or busy1 is None:
+            return None
+        wall = time.perf_counter() - wall0
+        return max(0.0, (busy1 - busy0) - (self._own_s() - own0)) / wall if wall > 0 else None
 
 
 def _fresh(model_name: str, num_classes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -74,7 +110,7 @@ def run_trainer(args: argparse.Namespace, n: int, threads: int) -> dict:
         out = Path(tmp) / "run"
         cmd = [
             sys.executable, str(TRAINER), "--deepspeed_config", str(CONFIG), "--data-dir", args.data_dir,
-            "--output-dir", str(out), "--quiet",
+            "--output-dir", str(out), "--quiet", "--backend", args.backend,
             "--set", "trainer.epochs=1",
             "--set", "trainer.warmup_epochs=0.2",  # the preset's 5 warmup epochs do not fit in one
             "--set", f"trainer.data.train_limit={n}",
@@ -98,7 +134,7 @@ def run_trainer(args: argparse.Namespace, n: int, threads: int) -> dict:
         if summary["train_images"] != n:
             raise RuntimeError(f"the trainer trained on {summary['train_images']} images, expected {n}")
         return {"images_per_s": summary["train_images_per_s"], "train_time_s": summary["train_time_s"],
-                "train_loss": first["train_loss"], "command": cmd}
+                "train_loss": first["train_loss"], "command": cmd, "backend": summary["backend"]}
 
 
 def crop_flip_batch(x: torch.Tensor, g: torch.Generator, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -194,7 +230,8 @@ def summarize(rounds: list[dict[str, dict]]) -> dict:
     return {
         "contenders": {name: {"mean_images_per_s": mean[name], "per_round_images_per_s": per[name],
                               "train_loss_per_round": [r[name]["train_loss"] for r in rounds],
-                              "train_time_s_per_round": [r[name]["train_time_s"] for r in rounds]}
+                              "train_time_s_per_round": [r[name]["train_time_s"] for r in rounds],
+                              "foreign_cores_per_round": [r[name]["foreign_cores"] for r in rounds]}
                        for name in CONTENDERS},
         "ratios": ratios,
         "targets": TARGETS,
@@ -214,6 +251,33 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+@functools.cache
+def load_subset(data_dir: str, images: int, cache_dir: str | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The trainer's train_limit subset (seeded, class-balanced, subset_seed 0) and the number of classes."""
+    data = load_cifar10(data_dir, download=False, cache_dir=cache_dir)
+    idx = balanced_subset(data.train_y, images, seed=0)
+    if idx is None:
+        return data.train_x, data.train_y, data.num_classes
+    return data.train_x[idx].contiguous(), data.train_y[idx], data.num_classes
+
+
+def run_hand_contender(args: argparse.Namespace, name: str, rnd: int, threads: int) -> dict:
+    """``hand`` or ``dataloader``: in this process (--in-process), else in a fresh one, as cold as the trainer."""
+    if args.in_process:
+        x_all, y_all, num_classes = load_subset(args.data_dir, args.images, args.cache_dir)
+        run = run_hand if name == "hand" else run_dataloader
+        return run(x_all, y_all, args, num_classes, rnd)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--data-dir", args.data_dir, "--images", str(args.images),
+           "--batch", str(args.batch), "--model", args.model, "--workers", str(args.workers), "--threads", str(threads),
+           "--in-process", "--one", name, "--round", str(rnd)]
+    if args.cache_dir:
+        cmd += ["--cache-dir", args.cache_dir]
+    done = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {name} contender failed (exit {done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", required=True, help="CIFAR-10 as a folder or .tar.gz (anything the trainer accepts)")
@@ -223,9 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="bn_cnn")
     p.add_argument("--workers", type=int, default=2, help="DataLoader num_workers (default 2, the PyTorch tutorial's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for all three (default: torch's, all cores)")
+    p.add_argument("--backend", choices=("auto", "deepspeed", "accelerate"), default="auto",
+                   help="the trainer's --backend (default auto: deepspeed when installed)")
     p.add_argument("--test-limit", type=int, default=500, help="the trainer's end-of-epoch evaluation images (untimed)")
     p.add_argument("--cache-dir", default=None, help="decoded-data cache (default: the trainer's)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write the numbers here")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the hand and DataLoader loops in this process (default: each run in a fresh process, "
+                        "started like the trainer's, so no contender profits from another's warm-up)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the uncounted hand-loop epoch that runs before the rounds")
+    p.add_argument("--one", choices=("hand", "dataloader"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.images < 2 or args.rounds < 1 or args.batch < 1:
         p.error("--images must be >= 2, --rounds and --batch >= 1")
@@ -234,49 +307,65 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    if args.one:  # one contender for a parent bench process: one JSON line on stdout
+        x_all, y_all, num_classes = load_subset(args.data_dir, args.images, args.cache_dir)
+        run = run_hand if args.one == "hand" else run_dataloader
+        print(json.dumps(run(x_all, y_all, args, num_classes, args.round)))
+        return 0
     try:
-        data = load_cifar10(args.data_dir, download=False, cache_dir=args.cache_dir)
+        _, y_all, _ = load_subset(args.data_dir, args.images, args.cache_dir)  # decodes and caches once, before any contender starts
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    n = min(args.images, len(data.train_y))
-    idx = balanced_subset(data.train_y, n, seed=0)  # the trainer's train_limit subset (subset_seed 0)
-    x_all = data.train_x if idx is None else data.train_x[idx].contiguous()
-    y_all = data.train_y if idx is None else data.train_y[idx]
+    n = args.images = len(y_all)
+    mode = "the same process" if args.in_process else "fresh processes"
     print(f"{args.model}, batch {args.batch}, fp32, {n} images x {args.rounds} rounds, {threads} threads, "
-          f"DataLoader num_workers={args.workers}; {cpu_model()}, torch {torch.__version__}", flush=True)
+          f"DataLoader num_workers={args.workers}, hand loops in {mode}; {cpu_model()}, torch {torch.__version__}",
+          flush=True)
 
+    if args.warmup:  # the first run after loading the data set was up to 30% slow, whichever contender it was
+        warm = run_hand_contender(args, "hand", -1, threads)
+        print(f"warm-up    hand       {warm['images_per_s']:8,.0f} images/s (not counted)", flush=True)
     rounds: list[dict[str, dict]] = []
     trainer_cmd: list[str] = []
+    trainer_backend = None
     for r in range(args.rounds):
         order = CONTENDERS[r % 3:] + CONTENDERS[: r % 3]  # rotate, so no contender always runs first
         result: dict[str, dict] = {}
         for name in order:
+            load = ForeignLoad()
             if name == "trainer":
                 result[name] = run_trainer(args, n, threads)
                 trainer_cmd = result[name].pop("command")
-            elif name == "hand":
-                result[name] = run_hand(x_all, y_all, args, data.num_classes, r)
+                trainer_backend = result[name].pop("backend")
             else:
-                result[name] = run_dataloader(x_all, y_all, args, data.num_classes, r)
+                result[name] = run_hand_contender(args, name, r, threads)
+            result[name]["foreign_cores"] = foreign = load.cores()
+            busy = f", other processes used {foreign:.2f} cores" if foreign is not None else ""
             print(f"round {r + 1}/{args.rounds} {name:<10} {result[name]['images_per_s']:8,.0f} images/s "
-                  f"({result[name]['train_time_s']:.1f}s, train_loss {result[name]['train_loss']:.3f})", flush=True)
+                  f"({result[name]['train_time_s']:.1f}s, train_loss {result[name]['train_loss']:.3f}{busy})", flush=True)
         rounds.append(result)
 
     out = summarize(rounds)
     print()
     print(table(out))
-    print()
+    print(f"\n(trainer backend: {trainer_backend}; DataLoader num_workers={args.workers}; {threads} threads)\n")
     for key, target in TARGETS.items():
         verdict = "PASS" if out["pass"][key] else "FAIL"
         print(f"{verdict}: {key} = {out['ratios'][key]:.2f} (target >= {target})")
+    busiest = max((c for r in rounds for c in (v["foreign_cores"] for v in r.values()) if c is not None), default=None)
+    if busiest is not None and busiest > BUSY_CORES:
+        print(f"warning: other processes kept up to {busiest:.2f} cores busy during a measurement; "
+              "these numbers are not from a quiet machine", file=sys.stderr)
     if args.json:
         report = {
             **out,
             "model": args.model, "batch": args.batch, "images": n, "rounds": args.rounds, "precision": "fp32",
             "threads": threads, "dataloader_workers": args.workers, "processes": 1,
+            "hand_loops_in_fresh_processes": not args.in_process, "warmup": args.warmup,
             "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "data_dir": args.data_dir, "trainer_command": trainer_cmd,
+            "trainer_backend": trainer_backend,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
