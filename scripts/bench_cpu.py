@@ -13,9 +13,13 @@ one process, fp32, SGD lr 0.01 momentum 0.9, gradient clipping 1.0, random crop 
               image) in a ``DataLoader(batch_size, shuffle=True, num_workers=2)`` (the PyTorch tutorial's).
 
 The trainer's N images are its ``trainer.data.train_limit`` subset (seeded, class-balanced); the other two
-use the very same images (``balanced_subset`` with the same seed). The three run interleaved for
-``--rounds`` rounds (the order rotates each round) with the same thread count; the ratios compare the
-per-contender means. Speed claims come from this side-by-side run, never from timed tests.
+use the very same images (``balanced_subset`` with the same seed). Each contender's epoch runs in a fresh
+process (the trainer's cannot run otherwise; ``--in-process`` runs the other two here instead), after one
+uncounted warm-up epoch of the hand loop. The three run interleaved for ``--rounds`` rounds (the order
+rotates each round) with the same thread count (``OMP_NUM_THREADS`` for the trainer, ``torch.set_num_threads``
+for the others); the ratios compare the per-contender means. Each run also records how many cores other
+processes kept busy meanwhile: on a shared machine the numbers mean little (with 2 threads on 2 cores and one
+core taken, a run can be 50x slower). Speed claims come from this side-by-side run, never from timed tests.
 """
 
 from __future__ import annotations
@@ -278,6 +282,33 @@ def run_hand_contender(args: argparse.Namespace, name: str, rnd: int, threads: i
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_rounds(args: argparse.Namespace, n: int, threads: int) -> tuple[list[dict[str, dict]], list[str], str | None]:
+    """The warm-up, then the three contenders interleaved for args.rounds rounds; prints a line per run."""
+    if args.warmup:  # so that no contender is the first run on a machine that was idle a moment ago
+        warm = run_hand_contender(args, "hand", -1, threads)
+        print(f"warm-up    hand       {warm['images_per_s']:8,.0f} images/s (not counted)", flush=True)
+    rounds: list[dict[str, dict]] = []
+    trainer_cmd: list[str] = []
+    trainer_backend = None
+    for r in range(args.rounds):
+        order = CONTENDERS[r % 3:] + CONTENDERS[: r % 3]  # rotate, so no contender always runs first
+        result: dict[str, dict] = {}
+        for name in order:
+            load = ForeignLoad()
+            if name == "trainer":
+                result[name] = run_trainer(args, n, threads)
+                trainer_cmd = result[name].pop("command")
+                trainer_backend = result[name].pop("backend")
+            else:
+                result[name] = run_hand_contender(args, name, r, threads)
+            result[name]["foreign_cores"] = foreign = load.cores()
+            busy = f", other processes used {foreign:.2f} cores" if foreign is not None else ""
+            print(f"round {r + 1}/{args.rounds} {name:<10} {result[name]['images_per_s']:8,.0f} images/s "
+                  f"({result[name]['train_time_s']:.1f}s, train_loss {result[name]['train_loss']:.3f}{busy})", flush=True)
+        rounds.append(result)
+    return rounds, trainer_cmd, trainer_backend
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", required=True, help="CIFAR-10 as a folder or .tar.gz (anything the trainer accepts)")
@@ -313,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run(x_all, y_all, args, num_classes, args.round)))
         return 0
     try:
-        _, y_all, _ = load_subset(args.data_dir, args.images, args.cache_dir)  # decodes and caches once, before any contender starts
+        # decode and cache once, before any contender starts
+        _, y_all, _ = load_subset(args.data_dir, args.images, args.cache_dir)
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -323,29 +355,11 @@ def main(argv: list[str] | None = None) -> int:
           f"DataLoader num_workers={args.workers}, hand loops in {mode}; {cpu_model()}, torch {torch.__version__}",
           flush=True)
 
-    if args.warmup:  # the first run after loading the data set was up to 30% slow, whichever contender it was
-        warm = run_hand_contender(args, "hand", -1, threads)
-        print(f"warm-up    hand       {warm['images_per_s']:8,.0f} images/s (not counted)", flush=True)
-    rounds: list[dict[str, dict]] = []
-    trainer_cmd: list[str] = []
-    trainer_backend = None
-    for r in range(args.rounds):
-        order = CONTENDERS[r % 3:] + CONTENDERS[: r % 3]  # rotate, so no contender always runs first
-        result: dict[str, dict] = {}
-        for name in order:
-            load = ForeignLoad()
-            if name == "trainer":
-                result[name] = run_trainer(args, n, threads)
-                trainer_cmd = result[name].pop("command")
-                trainer_backend = result[name].pop("backend")
-            else:
-                result[name] = run_hand_contender(args, name, r, threads)
-            result[name]["foreign_cores"] = foreign = load.cores()
-            busy = f", other processes used {foreign:.2f} cores" if foreign is not None else ""
-            print(f"round {r + 1}/{args.rounds} {name:<10} {result[name]['images_per_s']:8,.0f} images/s "
-                  f"({result[name]['train_time_s']:.1f}s, train_loss {result[name]['train_loss']:.3f}{busy})", flush=True)
-        rounds.append(result)
-
+    try:
+        rounds, trainer_cmd, trainer_backend = run_rounds(args, n, threads)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     out = summarize(rounds)
     print()
     print(table(out))
@@ -356,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     busiest = max((c for r in rounds for c in (v["foreign_cores"] for v in r.values()) if c is not None), default=None)
     if busiest is not None and busiest > BUSY_CORES:
         print(f"warning: other processes kept up to {busiest:.2f} cores busy during a measurement; "
-              "these numbers are not from a quiet machine", file=sys.stderr)
+              "these numbers are not from a quiet machine")
     if args.json:
         report = {
             **out,
@@ -365,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             "hand_loops_in_fresh_processes": not args.in_process, "warmup": args.warmup,
             "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "data_dir": args.data_dir, "trainer_command": trainer_cmd,
-            "trainer_backend": trainer_backend,
+            "trainer_backend": trainer_backend, "max_foreign_cores": busiest,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

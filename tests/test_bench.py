@@ -46,3 +46,11 @@ def test_bench_cpu_reports_three_contenders(data, tmp_path):
     assert "| trainer |" in done.stdout and "| dataloader |" in done.stdout
     for key, value in ratios.items():
         assert f"{key} = {value:.2f}" in done.stdout
+
+
+def test_bench_cpu_without_data_fails_with_one_line(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--data-dir", str(tmp_path / "nothing-here"),
+           "--cache-dir", str(tmp_path / "cache")]
+    done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("data error: ") and done.stderr.count("\n") == 1
