@@ -29,6 +29,7 @@ import functools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -230,14 +231,18 @@ def run_dataloader(x_all: torch.Tensor, y_all: torch.Tensor, args: argparse.Name
 def summarize(rounds: list[dict[str, dict]]) -> dict:
     per = {name: [r[name]["images_per_s"] for r in rounds] for name in CONTENDERS}
     mean = {name: sum(v) / len(v) for name, v in per.items()}
+    median = {name: statistics.median(v) for name, v in per.items()}
     ratios = {"trainer/hand": mean["trainer"] / mean["hand"], "trainer/dataloader": mean["trainer"] / mean["dataloader"]}
     return {
-        "contenders": {name: {"mean_images_per_s": mean[name], "per_round_images_per_s": per[name],
+        "contenders": {name: {"mean_images_per_s": mean[name], "median_images_per_s": median[name],
+                              "per_round_images_per_s": per[name],
                               "train_loss_per_round": [r[name]["train_loss"] for r in rounds],
                               "train_time_s_per_round": [r[name]["train_time_s"] for r in rounds],
                               "foreign_cores_per_round": [r[name]["foreign_cores"] for r in rounds]}
                        for name in CONTENDERS},
         "ratios": ratios,
+        "median_ratios": {"trainer/hand": median["trainer"] / median["hand"],
+                          "trainer/dataloader": median["trainer"] / median["dataloader"]},
         "targets": TARGETS,
         "pass": {k: ratios[k] >= TARGETS[k] for k in TARGETS},
     }
@@ -245,13 +250,15 @@ def summarize(rounds: list[dict[str, dict]]) -> dict:
 
 def table(result: dict) -> str:
     rounds = len(result["contenders"]["trainer"]["per_round_images_per_s"])
-    head = "| contender | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " | mean images/s | trainer / this |"
-    lines = [head, "|---" * (rounds + 3) + "|"]
+    head = ("| contender | " + " | ".join(f"round {i + 1}" for i in range(rounds))
+            + " | mean images/s | trainer / this | median images/s | trainer / this (medians) |")
+    lines = [head, "|---" * (rounds + 5) + "|"]
     for name in CONTENDERS:
         c = result["contenders"][name]
         ratio = "1.00" if name == "trainer" else f"{result['ratios'][f'trainer/{name}']:.2f}"
+        mratio = "1.00" if name == "trainer" else f"{result['median_ratios'][f'trainer/{name}']:.2f}"
         cells = " | ".join(f"{v:,.0f}" for v in c["per_round_images_per_s"])
-        lines.append(f"| {name} | {cells} | {c['mean_images_per_s']:,.0f} | {ratio} |")
+        lines.append(f"| {name} | {cells} | {c['mean_images_per_s']:,.0f} | {ratio} | {c['median_images_per_s']:,.0f} | {mratio} |")
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ def test_bench_cpu_reports_three_contenders(data, tmp_path):
         assert len(c["per_round_images_per_s"]) == 1
         assert c["per_round_images_per_s"][0] > 0
         assert c["mean_images_per_s"] == pytest.approx(sum(c["per_round_images_per_s"]))
+        assert c["median_images_per_s"] == pytest.approx(c["mean_images_per_s"])  # one round
         assert 0 < c["train_loss_per_round"][0] < 10  # every contender really trained
         means[name] = c["mean_images_per_s"]
     ratios = report["ratios"]
