@@ -54,6 +54,7 @@ CONTENDERS = ("trainer", "hand", "dataloader")
 TARGETS = {"trainer/hand": 0.9, "trainer/dataloader": 1.8}  # issue 6
 LR, MOMENTUM, CLIP, PAD, SEED = 0.01, 0.9, 1.0, 4, 0
 BUSY_CORES = 0.1  # other processes' average load above which a measurement is flagged
+RETRIES = 2  # with --wait-quiet, a run disturbed by other processes is repeated up to this many times
 
 
 def cpu_model() -> str:
@@ -98,6 +99,21 @@ class ForeignLoad:
             return None
         wall = time.perf_counter() - wall0
         return max(0.0, (busy1 - busy0) - (self._own_s() - own0)) / wall if wall > 0 else None
+
+
+def wait_quiet(limit_s: float, sample_s: float = 2.0) -> float | None:
+    """Wait up to ``limit_s`` for a ``sample_s`` window in which other processes use under BUSY_CORES cores.
+
+    Returns the last window's foreign load (None where /proc/stat is unreadable).
+    """
+    deadline = time.monotonic() + limit_s
+    while True:
+        load = ForeignLoad()
+        time.sleep(sample_s)
+        cores = load.cores()
+        if cores is None or cores < BUSY_CORES or time.monotonic() >= deadline:
+            return cores
+        time.sleep(1.0)
 
 
 def _fresh(model_name: str, num_classes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -291,6 +307,8 @@ def run_hand_contender(args: argparse.Namespace, name: str, rnd: int, threads: i
 
 def run_rounds(args: argparse.Namespace, n: int, threads: int) -> tuple[list[dict[str, dict]], list[str], str | None]:
     """The warm-up, then the three contenders interleaved for args.rounds rounds; prints a line per run."""
+    if args.warmup and args.wait_quiet:
+        wait_quiet(args.wait_quiet)
     if args.warmup:  # so that no contender is the first run on a machine that was idle a moment ago
         warm = run_hand_contender(args, "hand", -1, threads)
         print(f"warm-up    hand       {warm['images_per_s']:8,.0f} images/s (not counted)", flush=True)
@@ -301,17 +319,27 @@ def run_rounds(args: argparse.Namespace, n: int, threads: int) -> tuple[list[dic
         order = CONTENDERS[r % 3:] + CONTENDERS[: r % 3]  # rotate, so no contender always runs first
         result: dict[str, dict] = {}
         for name in order:
-            load = ForeignLoad()
-            if name == "trainer":
-                result[name] = run_trainer(args, n, threads)
-                trainer_cmd = result[name].pop("command")
-                trainer_backend = result[name].pop("backend")
-            else:
-                result[name] = run_hand_contender(args, name, r, threads)
-            result[name]["foreign_cores"] = foreign = load.cores()
-            busy = f", other processes used {foreign:.2f} cores" if foreign is not None else ""
-            print(f"round {r + 1}/{args.rounds} {name:<10} {result[name]['images_per_s']:8,.0f} images/s "
-                  f"({result[name]['train_time_s']:.1f}s, train_loss {result[name]['train_loss']:.3f}{busy})", flush=True)
+            for attempt in range(1 + (RETRIES if args.wait_quiet else 0)):
+                if args.wait_quiet:
+                    cores = wait_quiet(args.wait_quiet)
+                    if cores is not None and cores >= BUSY_CORES:
+                        print(f"still busy after {args.wait_quiet:g}s ({cores:.2f} cores used by others); "
+                              "measuring anyway", flush=True)
+                load = ForeignLoad()
+                if name == "trainer":
+                    run = run_trainer(args, n, threads)
+                    trainer_cmd = run.pop("command")
+                    trainer_backend = run.pop("backend")
+                else:
+                    run = run_hand_contender(args, name, r, threads)
+                run["foreign_cores"] = foreign = load.cores()
+                busy = f", other processes used {foreign:.2f} cores" if foreign is not None else ""
+                print(f"round {r + 1}/{args.rounds} {name:<10} {run['images_per_s']:8,.0f} images/s "
+                      f"({run['train_time_s']:.1f}s, train_loss {run['train_loss']:.3f}{busy})", flush=True)
+                result[name] = run
+                if foreign is None or foreign < BUSY_CORES or attempt == RETRIES:
+                    break
+                print("  disturbed by other processes: not counted, running it again", flush=True)
         rounds.append(result)
     return rounds, trainer_cmd, trainer_backend
 
@@ -335,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                         "started like the trainer's, so no contender profits from another's warm-up)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the uncounted hand-loop epoch that runs before the rounds")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="before each run, wait up to this long until other processes leave the CPU alone, and repeat "
+                        f"a run they disturbed (up to {RETRIES} times); default 0: neither")
     p.add_argument("--one", choices=("hand", "dataloader"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -384,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model, "batch": args.batch, "images": n, "rounds": args.rounds, "precision": "fp32",
             "threads": threads, "dataloader_workers": args.workers, "processes": 1,
             "hand_loops_in_fresh_processes": not args.in_process, "warmup": args.warmup,
+            "wait_quiet_s": args.wait_quiet,
             "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "data_dir": args.data_dir, "trainer_command": trainer_cmd,
             "trainer_backend": trainer_backend, "max_foreign_cores": busiest,
