@@ -1,0 +1,57 @@
+"""scripts/bench_cpu.py runs all three contenders and reports consistent numbers (no speed thresholds here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.helpers import ROOT, cli_env, run_bounded
+
+
+@pytest.mark.slow
+def test_bench_cpu_reports_three_contenders(data, tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--data-dir", str(data), "--images", "160",
+           "--rounds", "1", "--test-limit", "20", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
+    done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    report = json.loads(out.read_text())
+    assert (report["model"], report["batch"], report["images"], report["rounds"]) == ("bn_cnn", 32, 160, 1)
+    assert report["precision"] == "fp32" and report["processes"] == 1
+    assert report["threads"] >= 1 and report["dataloader_workers"] == 2
+    assert report["torch"] and report["cpu"]
+    assert report["hand_loops_in_fresh_processes"] is True
+    assert report["trainer_backend"] in ("deepspeed", "accelerate")
+    assert "--deepspeed_config" in report["trainer_command"]
+    assert "trainer.data.train_limit=160" in report["trainer_command"]
+
+    means = {}
+    for name in ("trainer", "hand", "dataloader"):
+        c = report["contenders"][name]
+        assert len(c["per_round_images_per_s"]) == 1
+        assert c["per_round_images_per_s"][0] > 0
+        assert c["mean_images_per_s"] == pytest.approx(sum(c["per_round_images_per_s"]))
+        assert c["median_images_per_s"] == pytest.approx(c["mean_images_per_s"])  # one round
+        assert 0 < c["train_loss_per_round"][0] < 10  # every contender really trained
+        means[name] = c["mean_images_per_s"]
+    ratios = report["ratios"]
+    assert ratios["trainer/hand"] == pytest.approx(means["trainer"] / means["hand"])
+    assert ratios["trainer/dataloader"] == pytest.approx(means["trainer"] / means["dataloader"])
+    assert report["targets"] == {"trainer/hand": 0.9, "trainer/dataloader": 1.8}
+    assert report["pass"] == {k: ratios[k] >= report["targets"][k] for k in ratios}
+
+    # The printed table and verdicts carry the same numbers.
+    assert "| trainer |" in done.stdout and "| dataloader |" in done.stdout
+    for key, value in ratios.items():
+        assert f"{key} = {value:.2f}" in done.stdout
+
+
+def test_bench_cpu_without_data_fails_with_one_line(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--data-dir", str(tmp_path / "nothing-here"),
+           "--cache-dir", str(tmp_path / "cache")]
+    done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("data error: ") and done.stderr.count("\n") == 1
