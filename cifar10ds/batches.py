@@ -77,21 +77,20 @@ class Augment:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> augmented, normalized float32 (N, 3, H, W)."""
-        x = x.float()
-        n, _, h, w = x.shape
+        x = x.to(torch.float32, copy=True)  # a copy of its own: the steps below work in place
+        n, c, h, w = x.shape
         if self.crop_padding:
             p = self.crop_padding
             padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
             dy, dx = self._rand(2 * p + 1, n), self._rand(2 * p + 1, n)
-            rows = (dy[:, None] + torch.arange(h, device=self.device))[:, None, :, None]
-            cols = (dx[:, None] + torch.arange(w, device=self.device))[:, None, None, :]
-            batch = torch.arange(n, device=self.device)[:, None, None, None]
-            chan = torch.arange(3, device=self.device)[None, :, None, None]
-            x = padded[batch, chan, rows, cols]
+            # Two gathers (rows, then columns) take half the time of one 4-index advanced indexing.
+            rows = (dy[:, None] + torch.arange(h, device=self.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * p)
+            cols = (dx[:, None] + torch.arange(w, device=self.device)).view(n, 1, 1, w).expand(n, c, h, w)
+            x = padded.gather(2, rows).gather(3, cols)
         if self.flip:
             flip = self._rand(2, n).bool()[:, None, None, None]
             x = torch.where(flip, x.flip(3), x)
-        x = (x - self.mean) / self.std
+        x = x.sub_(self.mean).div_(self.std)  # in place: x is this call's own float copy
         if self.cutout:
             s = self.cutout
             cy, cx = self._rand(h, n), self._rand(w, n)

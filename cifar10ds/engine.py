@@ -164,6 +164,10 @@ class DeepSpeedBackend(Backend):
         except (deepspeed.DeepSpeedConfigError, ValidationError) as e:
             raise ConfigError(f"DeepSpeed rejected the config: {' '.join(str(e).split())[:400]}") from None
         self.engine = engine
+        if engine.dp_world_size == 1 and not engine.zero_optimization():
+            # Averaging the gradients over a world of one changes nothing, yet the engine still
+            # flattens, all-reduces and copies them back every step (~0.1 ms on a CPU).
+            engine.enable_backward_allreduce = False
         self.module = engine.module
         self.device = engine.device
         self.input_dtype = (

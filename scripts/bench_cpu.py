@@ -4,13 +4,15 @@
     python scripts/bench_cpu.py --data-dir data --images 10000 --rounds 3 --json bench.json
 
 Three contenders train the same model (same seed) on the same N training images for one epoch each,
-one process, fp32, SGD lr 0.01 momentum 0.9, gradient clipping 1.0, random crop (pad 4, reflect) + flip:
+one process, fp32, SGD lr 0.01 momentum 0.9, gradient clipping 1.0, random crop (pad 4) + flip:
 
 * trainer:    ``python cifar10_deepspeed.py --deepspeed_config configs/bn_cnn_stable.json ...`` as a
               subprocess, exactly as a user runs it; its own ``train_images_per_s`` from summary.json;
 * hand:       a plain PyTorch loop over pre-batched uint8 tensors, batch augmentation with tensor ops;
-* dataloader: the tutorial pipeline: a per-sample ``Dataset`` (float tensor, crop, flip, normalize per
-              image) in a ``DataLoader(batch_size, shuffle=True, num_workers=2)`` (the PyTorch tutorial's).
+* dataloader: the tutorial pipeline: torchvision's ``CIFAR10`` dataset with ``RandomCrop(32, padding=4)``,
+              ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` (per image, on PIL images), in a
+              ``DataLoader(batch_size, shuffle=True, num_workers=2)`` (the PyTorch tutorial's), rebuilt with
+              Pillow step for step because torchvision cannot be imported on this CPU-only machine.
 
 The trainer's N images are its ``trainer.data.train_limit`` subset (seeded, class-balanced); the other two
 use the very same images (``balanced_subset`` with the same seed). Each contender's epoch runs in a fresh
@@ -38,8 +40,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import models  # noqa: E402
@@ -198,10 +202,17 @@ def run_hand(x_all: torch.Tensor, y_all: torch.Tensor, args: argparse.Namespace,
 
 
 class TutorialDataset(Dataset):
-    """One image at a time, as the tutorials do (ToTensor, RandomCrop(32, 4), RandomHorizontalFlip, Normalize)."""
+    """The tutorials' pipeline, step for step as torchvision runs it, without torchvision (unusable on CPU here).
+
+    ``torchvision.datasets.CIFAR10`` keeps the images as one HWC uint8 array and turns each into a PIL image
+    in ``__getitem__``; the usual transforms then run per image: ``RandomCrop(32, padding=4)`` (zero padding,
+    PIL ``expand`` + ``crop``), ``RandomHorizontalFlip()`` (PIL ``transpose``), ``ToTensor()`` (to a CHW float
+    tensor in [0, 1]) and ``Normalize(mean, std)``.
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
+        self.x = x.permute(0, 2, 3, 1).contiguous().numpy()  # HWC, as torchvision stores CIFAR-10
+        self.y = y.tolist()
         self.mean = torch.tensor(MEAN).view(3, 1, 1)
         self.std = torch.tensor(STD).view(3, 1, 1)
 
@@ -209,14 +220,15 @@ class TutorialDataset(Dataset):
         return len(self.y)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = self.x[i].float() / 255
-        _, h, w = img.shape
-        img = F.pad(img, (PAD, PAD, PAD, PAD), mode="reflect")
+        img = Image.fromarray(self.x[i])
+        w, h = img.size
+        img = ImageOps.expand(img, border=PAD, fill=0)
         top, left = torch.randint(0, 2 * PAD + 1, (2,)).tolist()
-        img = img[:, top : top + h, left : left + w]
+        img = img.crop((left, top, left + w, top + h))
         if torch.rand(1).item() < 0.5:
-            img = img.flip(2)
-        return (img - self.mean) / self.std, int(self.y[i])
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        t = torch.from_numpy(np.array(img, np.uint8, copy=True)).permute(2, 0, 1).contiguous().float().div(255)
+        return t.sub_(self.mean).div_(self.std), self.y[i]
 
 
 def run_dataloader(x_all: torch.Tensor, y_all: torch.Tensor, args: argparse.Namespace, num_classes: int,
