@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> dict:
     from cifar10ds import checkpoint, dist, engine, tracking
     from cifar10ds import config as config_mod
     from cifar10ds import data as data_mod
-    from cifar10ds.batches import batches_per_epoch, last_batch_size
+    from cifar10ds.averaging import check_own_weights
+    from cifar10ds.batches import batches_per_epoch, last_batch_size, normalize
     from cifar10ds.loop import DeviceData, train
 
     started = time.perf_counter()
@@ -117,7 +118,18 @@ def run(args: argparse.Namespace) -> dict:
             f"each rank's last training batch would hold 1 image ({n_train} images, world size {info.world_size}, "
             f"micro batch {micro}) and BatchNorm cannot train on one; change trainer.data.train_limit or the batch size"
         )
-    cfg.ds = config_mod.resolve_schedule(cfg.ds, t, batches_per_epoch(n_train, info.world_size, micro))
+    init_time = None
+    if hasattr(model, "init_from_data"):  # e.g. airbench94's whitening filters, from this run's training images
+        init_start = time.perf_counter()
+        first = ds.train_x[train_idx[:5000]] if train_idx is not None else ds.train_x[:5000]
+        model.init_from_data(normalize(first))
+        init_time = time.perf_counter() - init_start
+    groups = engine.param_groups(model, t.param_groups, cfg.ds["optimizer"].get("params", {}))
+    cfg.ds = config_mod.resolve_schedule(cfg.ds, t, batches_per_epoch(n_train, info.world_size, micro),
+                                         engine.group_lrs(groups, cfg.ds["optimizer"].get("params", {})))
+    master_weights = backend_name == "deepspeed" and (
+        (cfg.precision != "fp32" and not cfg.autocast) or bool(cfg.ds.get("zero_optimization", {}).get("stage")))
+    check_own_weights(master_weights, t.lookahead.enabled, t.channels_last)
 
     # 5. Engine: optimizer, scheduler and precision are built from the resolved config.
     def warn_main(message: str) -> None:
@@ -125,7 +137,11 @@ def run(args: argparse.Namespace) -> dict:
             print(message, file=sys.stderr, flush=True)
 
     params = models.count_params(model)  # before the engine: ZeRO-3 partitions the parameters
-    backend = engine.build_backend(backend_name, model, cfg.ds, warn=warn_main)
+    backend = engine.build_backend(backend_name, model, cfg.ds, warn=warn_main, groups=groups)
+    if t.channels_last:  # after the engine: DeepSpeed's start-up broadcast needs contiguous weights
+        backend.module.to(memory_format=torch.channels_last)
+    if t.compile:
+        backend.compile()
     device = backend.device
 
     def on_device(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -178,6 +194,8 @@ def run(args: argparse.Namespace) -> dict:
         "params": params,
         "seed": t.seed,
         "train_images": n_train,
+        "model_init_time_s": init_time,
+        "tta_level": t.tta_level,
         "test_images": len(data.test_y),
         "device": tracking.device_name(device),
         "versions": tracking.library_versions(),

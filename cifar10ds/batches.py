@@ -18,6 +18,13 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
 
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 normalized with the CIFAR-10 mean and std."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
+    return (x.float() - mean) / std
+
+
 def shard_indices(n: int, world_size: int, rank: int, epoch: int, seed: int, shuffle: bool = True) -> torch.Tensor:
     """This rank's sample indices for ``epoch`` (DistributedSampler semantics, drop_last=False)."""
     if shuffle:
@@ -63,20 +70,31 @@ class Augment:
     augmentation of a run; ``state_dict``/``load_state_dict`` carry it across a resume.
     """
 
-    def __init__(self, crop_padding: int, flip: bool, cutout: int, seed: int, device: torch.device) -> None:
+    def __init__(self, crop_padding: int, flip: bool | str, cutout: int, seed: int, device: torch.device,
+                 n_images: int = 0, flip_seed: int = 0, channels_last: bool = False) -> None:
         self.crop_padding = crop_padding
         self.flip = flip
         self.cutout = cutout
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.flip_bits = None
+        if flip == "alternate":
+            # One random flip per training image for the first epoch; every later epoch flips each image
+            # the other way round from the one before. Drawn from the run's seed, the same on every rank.
+            g = torch.Generator().manual_seed(flip_seed * 1_000_003 + 17)
+            self.flip_bits = (torch.rand(n_images, generator=g) < 0.5).to(self.device)
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
 
     def _rand(self, high: int, n: int) -> torch.Tensor:
         return torch.randint(0, high, (n,), device=self.device, generator=self.generator)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> augmented, normalized float32 (N, 3, H, W)."""
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> augmented, normalized float32 (N, 3, H, W).
+
+        ``idx`` (the images' indices in the training set) and ``epoch`` matter to the alternating flip only.
+        """
         x = x.to(torch.float32, copy=True)  # a copy of its own: the steps below work in place
         n, c, h, w = x.shape
         if self.crop_padding:
@@ -87,7 +105,11 @@ class Augment:
             rows = (dy[:, None] + torch.arange(h, device=self.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * p)
             cols = (dx[:, None] + torch.arange(w, device=self.device)).view(n, 1, 1, w).expand(n, c, h, w)
             x = padded.gather(2, rows).gather(3, cols)
-        if self.flip:
+        if self.flip == "alternate":
+            assert self.flip_bits is not None and idx is not None
+            flip = (self.flip_bits[idx] ^ bool(epoch % 2))[:, None, None, None]
+            x = torch.where(flip, x.flip(3), x)
+        elif self.flip:
             flip = self._rand(2, n).bool()[:, None, None, None]
             x = torch.where(flip, x.flip(3), x)
         x = x.sub_(self.mean).div_(self.std)  # in place: x is this call's own float copy
@@ -100,11 +122,11 @@ class Augment:
             in_x = ((xs - cx[:, None] + s // 2) >= 0) & ((xs - cx[:, None] + s // 2) < s)
             mask = in_y[:, None, :, None] & in_x[:, None, None, :]
             x = x.masked_fill(mask, 0.0)
-        return x
+        return x.contiguous(memory_format=self.memory_format)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 -> normalized float32, no augmentation (evaluation)."""
-        return (x.float() - self.mean) / self.std
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

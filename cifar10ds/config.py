@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,10 @@ SCHEDULERS = {
     "WarmupCosineLR": ("total_num_steps", "warmup_num_steps"),
     "OneCycle": ("cycle_first_step_size",),
     "LRRangeTest": (),
+    # torch's own (DeepSpeed builds torch.optim.lr_scheduler classes by name too): with
+    # anneal_strategy "linear" it is the speedrun schedule, a linear warmup from max_lr/div_factor
+    # and a linear decay to max_lr/div_factor/final_div_factor, keeping each group's own lr.
+    "OneCycleLR": ("total_steps",),
 }
 
 
@@ -43,8 +48,18 @@ class _Section(BaseModel):
 
 class AugmentationConfig(_Section):
     crop_padding: int = Field(4, ge=0, le=16, description="random-crop padding in pixels (reflect); 0 turns cropping off")
-    flip: bool = Field(True, description="random horizontal flip with probability 0.5")
+    flip: bool | Literal["alternate"] = Field(
+        True, description='random horizontal flip with probability 0.5; "alternate": a random flip in the first epoch, '
+        "then every image the other way round each epoch (airbench's alternating flip)"
+    )
     cutout: int = Field(0, ge=0, le=32, description="side in pixels of a random square set to zero (0 = off)")
+
+    @field_validator("flip", mode="before")
+    @classmethod
+    def _flip(cls, value: Any) -> Any:
+        if not (isinstance(value, bool) or value == "alternate"):
+            raise ValueError('Input should be true, false or "alternate"')
+        return value
 
 
 class DataConfig(_Section):
@@ -110,6 +125,30 @@ class StabilityConfig(_Section):
     on_stuck: Literal["warn", "stop"] = Field("stop", description="what a stuck run does: warn and go on, or stop")
 
 
+class ParamGroupRule(_Section):
+    match: str = Field(description="regular expression searched for in parameter names (model.named_parameters())")
+    lr_scale: float = Field(1.0, gt=0, description="the group's lr is optimizer.params.lr times this")
+    weight_decay_scale: float = Field(1.0, ge=0, description="the group's weight_decay is optimizer.params.weight_decay times this")
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {e}") from None
+        return pattern
+
+
+class LookaheadConfig(_Section):
+    enabled: bool = Field(False, description="keep an average of the weights and copy it back into the model every "
+                          "every_steps steps (airbench's Lookahead); the run ends on the averaged weights")
+    every_steps: int = Field(5, ge=1, description="optimizer steps between two updates of the average")
+    decay: float = Field(0.95**5, ge=0, lt=1, description="the average's decay at the end of the run")
+    power: float = Field(3.0, ge=0, description="decay at optimizer step s of T: decay x (s/T)**power (0 = constant)")
+    start_epoch: float = Field(3.0, ge=0, description="epoch from which the average is kept (airbench: 3)")
+
+
 class TrainerConfig(_Section):
     model: str = Field("resnet9", description="registered model name (python cifar10_deepspeed.py --list-models)")
     epochs: float = Field(10, gt=0, description="epochs to train; fractions allowed (2.5 = two and a half)")
@@ -119,6 +158,17 @@ class TrainerConfig(_Section):
         None, ge=0, lt=1, description='warmup length as a fraction of the run when the scheduler says "auto"'
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss")
+    param_groups: list[ParamGroupRule] = Field(
+        default_factory=list, description="optimizer parameter groups, first match wins (e.g. BatchNorm biases at 64x "
+        "the lr); the other trainable parameters form the first group, with the optimizer's own lr and weight_decay"
+    )
+    lookahead: LookaheadConfig = Field(default_factory=LookaheadConfig)
+    tta_level: Literal[0, 1, 2] = Field(
+        0, description="test-time augmentation of the last evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel translations"
+    )
+    channels_last: bool = Field(False, description="model and batches in channels_last memory format (faster convs on GPUs)")
+    compile: bool = Field(False, description="torch.compile the model (DeepSpeed: engine.compile()); the first step, "
+                          "which compiles, is timed apart from train_time_s")
     data: DataConfig = Field(default_factory=DataConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -156,11 +206,20 @@ class Config:
 
     @property
     def precision(self) -> str:
+        """The compute precision: bf16/fp16 from DeepSpeed's bf16/fp16 sections or its torch_autocast."""
         if _enabled(self.ds, "bf16"):
             return "bf16"
         if _enabled(self.ds, "fp16"):
             return "fp16"
+        if self.autocast:
+            dtype = str(self.ds["torch_autocast"].get("dtype", "bfloat16"))
+            return "fp16" if dtype in ("fp16", "float16", "half", "torch.float16") else "bf16"
         return "fp32"
+
+    @property
+    def autocast(self) -> bool:
+        """DeepSpeed's torch_autocast: fp32 weights, the forward pass in bf16/fp16 (torch.autocast)."""
+        return _enabled(self.ds, "torch_autocast")
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -320,8 +379,12 @@ def total_micro_steps(micro_steps_per_epoch: int, epochs: float) -> int:
     return max(1, math.ceil(round(epochs * micro_steps_per_epoch, 6)))
 
 
-def resolve_schedule(ds: dict[str, Any], trainer: TrainerConfig, micro_steps_per_epoch: int) -> dict[str, Any]:
-    """Fill the scheduler's "auto" step counts from epochs, warmup epochs and steps per epoch."""
+def resolve_schedule(ds: dict[str, Any], trainer: TrainerConfig, micro_steps_per_epoch: int,
+                     group_lrs: list[float] | None = None) -> dict[str, Any]:
+    """Fill the scheduler's "auto" step counts from epochs, warmup epochs and steps per epoch.
+
+    ``group_lrs``: the optimizer's parameter-group lrs, which an "auto" OneCycleLR max_lr becomes.
+    """
     ds = copy.deepcopy(ds)
     accum = ds["gradient_accumulation_steps"]
     micro_total = total_micro_steps(micro_steps_per_epoch, trainer.epochs)
@@ -345,7 +408,11 @@ def resolve_schedule(ds: dict[str, Any], trainer: TrainerConfig, micro_steps_per
     else:
         warmup = max(1, round((trainer.warmup_epochs or 0) * micro_steps_per_epoch / accum))
     params = sched.setdefault("params", {})
-    fill = {"total_num_steps": total, "warmup_num_steps": warmup, "cycle_first_step_size": max(1, total // 2)}
+    fill = {"total_num_steps": total, "warmup_num_steps": warmup, "cycle_first_step_size": max(1, total // 2),
+            "total_steps": total}
+    if sched["type"] == "OneCycleLR" and params.get("max_lr", AUTO) == AUTO:
+        lrs = group_lrs or [ds["optimizer"].get("params", {}).get("lr", 0.001)]
+        params["max_lr"] = lrs[0] if len(lrs) == 1 else list(lrs)
     for key in SCHEDULERS[sched["type"]]:
         if params.get(key, AUTO) == AUTO:
             params[key] = fill[key]

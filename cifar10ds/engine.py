@@ -114,6 +114,40 @@ class Backend:
     def skipped_steps(self) -> int:
         raise NotImplementedError
 
+    def compile(self) -> None:
+        """torch.compile the model (trainer.compile)."""
+        raise NotImplementedError
+
+
+def param_groups(model: nn.Module, rules: list[Any], opt_params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: every trainable parameter once, the first matching rule's group.
+
+    The parameters no rule matches come first, with the optimizer's own lr and weight_decay (so the lr the
+    trainer reports is theirs); each rule's group follows with its scaled lr and weight_decay. Frozen
+    parameters (requires_grad False when the engine is built) are left out.
+    """
+    import re
+
+    base_lr = float(opt_params.get("lr", 0.001))
+    base_wd = float(opt_params.get("weight_decay", 0.0))
+    buckets: list[list[nn.Parameter]] = [[] for _ in range(len(rules) + 1)]
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            i = next((i for i, r in enumerate(rules) if re.search(r.match, name)), -1)
+            buckets[i + 1].append(p)
+    groups: list[dict[str, Any]] = [{"params": buckets[0]}] if buckets[0] else []
+    for i, (rule, params) in enumerate(zip(rules, buckets[1:])):
+        if not params:
+            raise ConfigError(f"trainer.param_groups[{i}].match={rule.match!r} matches no trainable parameter "
+                              "(or an earlier rule took them all); names: python cifar10_deepspeed.py --list-models "
+                              "gives models, model.named_parameters() their parameter names")
+        groups.append({"params": params, "lr": base_lr * rule.lr_scale, "weight_decay": base_wd * rule.weight_decay_scale})
+    return groups
+
+
+def group_lrs(groups: list[dict[str, Any]], opt_params: dict[str, Any]) -> list[float]:
+    return [float(g.get("lr", opt_params.get("lr", 0.001))) for g in groups]
+
 
 def check_precision(ds_config: dict[str, Any]) -> None:
     """Refuse a precision the accelerator cannot run, before DeepSpeed fails deep inside."""
@@ -149,7 +183,7 @@ def check_deepspeed_optimizer(opt_cfg: dict[str, Any]) -> None:
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
-    def __init__(self, model: nn.Module, ds_config: dict[str, Any]) -> None:
+    def __init__(self, model: nn.Module, ds_config: dict[str, Any], groups: list[dict[str, Any]] | None = None) -> None:
         import deepspeed
 
         check_precision(ds_config)
@@ -160,7 +194,8 @@ class DeepSpeedBackend(Backend):
         from pydantic import ValidationError
 
         try:
-            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+            params = groups if groups is not None else [p for p in model.parameters() if p.requires_grad]
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
         except (deepspeed.DeepSpeedConfigError, ValidationError) as e:
             raise ConfigError(f"DeepSpeed rejected the config: {' '.join(str(e).split())[:400]}") from None
         self.engine = engine
@@ -234,6 +269,9 @@ class DeepSpeedBackend(Backend):
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
+    def compile(self) -> None:
+        self.engine.compile()  # DeepSpeed's own: compiles the module it wraps
+
     def _param_groups(self) -> list[dict[str, Any]]:
         return self.engine.optimizer.param_groups
 
@@ -269,16 +307,20 @@ class DeepSpeedBackend(Backend):
 _ACCELERATE_HONOURS = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
     "scheduler", "gradient_clipping", "fp16", "bf16", "zero_optimization", "wandb", "steps_per_print",
-    "wall_clock_breakdown",
+    "wall_clock_breakdown", "torch_autocast",
 }
 _DEEPSPEED_ONLY_OPTIMIZERS = {"lamb", "onebitadam", "zerooneadam", "onebitlamb", "muon", "lion", "adagrad_cpu"}
 
 
 def accelerate_precision(ds_config: dict[str, Any]) -> str:
+    """Accelerate's mixed_precision (autocast over fp32 weights) for DeepSpeed's bf16, fp16 or torch_autocast."""
     if ds_config.get("bf16", {}).get("enabled"):
         return "bf16"
     if ds_config.get("fp16", {}).get("enabled"):
         return "fp16"
+    autocast = ds_config.get("torch_autocast", {})
+    if autocast.get("enabled"):
+        return "fp16" if str(autocast.get("dtype", "bfloat16")) in ("fp16", "float16", "half", "torch.float16") else "bf16"
     return "no"
 
 
@@ -332,10 +374,11 @@ class AccelerateBackend(Backend):
 
     name = "accelerate"
 
-    def __init__(self, model: nn.Module, ds_config: dict[str, Any], warn: Any = print) -> None:
+    def __init__(self, model: nn.Module, ds_config: dict[str, Any], warn: Any = print,
+                 groups: list[dict[str, Any]] | None = None) -> None:
         from accelerate import Accelerator
 
-        from cifar10ds.schedules import DeepSpeedStyleSchedule
+        from cifar10ds.schedules import build_schedule
 
         for message in check_accelerate_config(ds_config):
             warn(f"warning: {message}")
@@ -349,10 +392,11 @@ class AccelerateBackend(Backend):
                               "(set fp16.enabled=false), or run on a GPU")
         self.accumulation = ds_config["gradient_accumulation_steps"]
         self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=self.accumulation)
-        optimizer = build_torch_optimizer(model.parameters(), ds_config["optimizer"])
+        params = groups if groups is not None else [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_torch_optimizer(params, ds_config["optimizer"])
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         sched = ds_config.get("scheduler")
-        self.scheduler = DeepSpeedStyleSchedule(optimizer, sched["type"], sched.get("params", {})) if sched else None
+        self.scheduler = build_schedule(optimizer, sched["type"], sched.get("params", {})) if sched else None
         self.module = self.accelerator.unwrap_model(self.model)
         self.device = self.accelerator.device
         self.input_dtype = torch.float32  # autocast casts inside the model
@@ -419,6 +463,9 @@ class AccelerateBackend(Backend):
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def compile(self) -> None:
+        self.model = torch.compile(self.model)
 
     def _param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
@@ -491,7 +538,8 @@ def init_processes(backend: str, timeout_s: float) -> None:
         PartialState(timeout=timeout)  # initialises torch.distributed from the launcher's environment
 
 
-def build_backend(name: str, model: nn.Module, ds_config: dict[str, Any], warn: Any = print) -> Backend:
+def build_backend(name: str, model: nn.Module, ds_config: dict[str, Any], warn: Any = print,
+                  groups: list[dict[str, Any]] | None = None) -> Backend:
     if name == "deepspeed":
-        return DeepSpeedBackend(model, ds_config)
-    return AccelerateBackend(model, ds_config, warn)
+        return DeepSpeedBackend(model, ds_config, groups)
+    return AccelerateBackend(model, ds_config, warn, groups)

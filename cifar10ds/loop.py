@@ -27,9 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cifar10ds import checkpoint as ckpt
+from cifar10ds.averaging import Lookahead
 from cifar10ds.batches import Augment, batches_per_epoch, eval_shard, shard_indices
 from cifar10ds.callbacks import EarlyStopping, describe_stop
-from cifar10ds.config import Config, total_micro_steps
+from cifar10ds.config import Config, optimizer_steps, total_micro_steps
 from cifar10ds.dist import DistInfo, all_reduce_sum, broadcast_object
 from cifar10ds.engine import Backend, LossScaleFloor
 from cifar10ds.errors import ConfigError
@@ -59,6 +60,7 @@ class Progress:
     partial: dict[str, Any] | None = None  # accumulators of the interrupted epoch
     best_tag: str | None = None
     wandb_id: str | None = None
+    compile_s: float | None = None  # the first step's time when trainer.compile is on (it compiles)
     finished: str | None = None  # why training ended ("target", "patience", ...); a resume does not train on
 
     def state_dict(self) -> dict[str, Any]:
@@ -270,8 +272,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def tta_logits(forward: Any, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Logits with test-time augmentation: 0 none; 1 the mean over the image and its mirror image;
+    2 half that, plus a quarter each of the same for the image shifted one pixel up-left and down-right."""
+    if level == 0:
+        return forward(x).float()
+
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (forward(v).float() + forward(v.flip(-1)).float())
+
+    logits = mirrored(x)
+    if level == 1:
+        return logits
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = 0.5 * (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:]))
+    return 0.5 * logits + 0.5 * shifted
+
+
 @torch.no_grad()
-def evaluate(backend: Backend, data: DeviceData, augment: Augment, info: DistInfo, batch_size: int) -> tuple[float, float]:
+def evaluate(backend: Backend, data: DeviceData, augment: Augment, info: DistInfo, batch_size: int,
+             tta_level: int = 0) -> tuple[float, float]:
     """(mean loss, accuracy) over the whole test set, each image counted once across ranks."""
     if info.world_size > 1:
         # BatchNorm running statistics are per rank under DeepSpeed. Evaluate one model, rank 0's
@@ -285,7 +306,7 @@ def evaluate(backend: Backend, data: DeviceData, augment: Augment, info: DistInf
     for i in range(0, len(idx), batch_size):
         bi, bv = idx[i : i + batch_size], valid[i : i + batch_size]
         y = data.test_y[bi]
-        logits = backend.forward(augment.normalize(data.test_x[bi])).float()
+        logits = tta_logits(backend.forward, augment.normalize(data.test_x[bi]), tta_level)
         sums[0] += (F.cross_entropy(logits, y, reduction="none") * bv).sum()
         sums[1] += ((logits.argmax(1) == y) & bv).sum()
         sums[2] += bv.sum()
@@ -306,7 +327,12 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
     n_epochs = math.ceil(total_micro / per_epoch)
     aug_cfg = t.data.augmentation
     # Each rank draws its own augmentations; the seed fixes them all.
-    augment = Augment(aug_cfg.crop_padding, aug_cfg.flip, aug_cfg.cutout, seed=t.seed * 1_000_003 + info.rank, device=device)
+    augment = Augment(aug_cfg.crop_padding, aug_cfg.flip, aug_cfg.cutout, seed=t.seed * 1_000_003 + info.rank, device=device,
+                      n_images=n_train, flip_seed=t.seed, channels_last=t.channels_last)
+    lookahead = None
+    if t.lookahead.enabled:
+        lookahead = Lookahead(t.lookahead, backend.module, optimizer_steps(per_epoch, t.epochs, accumulation),
+                              per_epoch / accumulation)
     stopper = EarlyStopping(t.early_stopping)
     checkpointer = Checkpointer(cfg, ckpt_dir, backend, info, augment, reporter.say)
     checkpointer.epoch_identity["train_images"] = n_train
@@ -316,6 +342,8 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
         state, partial = checkpointer.restore(resume)
         progress = Progress(**state["progress"], partial=partial)
         stopper.load_state_dict(state["early_stopping"])
+        if lookahead is not None and "lookahead" in state:
+            lookahead.load_state_dict(state["lookahead"])
         if monitor is not None and "stability" in state:
             monitor.load_state_dict(state["stability"])
             backend.set_lr_scale(monitor.seen.lr_scale, current=monitor.seen.lr_scale)
@@ -327,6 +355,7 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
     signals = StopSignal(info, t.dist_timeout_s)
     fault = Fault(os.environ.get("CIFAR10DS_FAULT"), info.rank)
     start = time.perf_counter()
+    compile_pending = t.compile and progress.step == 0
 
     def elapsed() -> float:
         return progress.elapsed + time.perf_counter() - start
@@ -338,6 +367,8 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
         client_state = {"progress": shared, "early_stopping": stopper.state_dict()}
         if monitor is not None:
             client_state["stability"] = monitor.state_dict()
+        if lookahead is not None:
+            client_state["lookahead"] = lookahead.state_dict()
         tag = checkpointer.save(progress, client_state, reason)
         progress.elapsed = before
         return tag
@@ -354,6 +385,8 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
         state, partial = checkpointer.restore(found)
         progress = Progress(**{**state["progress"], "wandb_id": progress.wandb_id}, partial=partial)
         stopper.load_state_dict(state["early_stopping"])
+        if lookahead is not None and "lookahead" in state:
+            lookahead.load_state_dict(state["lookahead"])
         saved = state.get("stability", {}).get("seen", {})
         backend.set_lr_scale(scale, current=saved.get("lr_scale", 1.0))
         seen.rollbacks += 1
@@ -377,13 +410,19 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
             doctor = CONTINUE
             first_step = progress.step - progress.step_in_epoch + 1
             backend.train(True)
+            on_epoch_start = getattr(backend.module, "on_epoch_start", None)
+            if on_epoch_start is not None:
+                on_epoch_start(epoch)
             bar = reporter.progress(steps, f"epoch {epoch + 1}/{n_epochs}", initial=progress.step_in_epoch)
             _sync(device)
             t0 = time.perf_counter()
             for b in range(progress.step_in_epoch, steps):
                 idx = shard[b * micro : (b + 1) * micro]
                 y = data.train_y[idx]
-                logits = backend.forward(augment(data.train_x[idx]))
+                if compile_pending:
+                    _sync(device)
+                    t_first = time.perf_counter()
+                logits = backend.forward(augment(data.train_x[idx], idx, epoch))
                 loss = fault.poison(progress.step + 1, F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing))
                 backend.backward(loss)
                 lr = backend.lr()  # the lr this step uses (the engine's scheduler moves on inside step())
@@ -392,6 +431,13 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                 else:
                     norm, skipped, doctor = checked_step(backend, monitor, loss, lr, progress.step + 1)
                 progress.step += 1
+                if lookahead is not None and progress.step % accumulation == 0:
+                    lookahead.after_step(progress.step // accumulation)
+                if compile_pending:  # the first step compiles: timed on its own, not as training
+                    _sync(device)
+                    progress.compile_s = time.perf_counter() - t_first
+                    t0 += progress.compile_s
+                    compile_pending = False
                 fault.maybe(progress.step)
                 progress.step_in_epoch = b + 1
                 loss = loss.detach()
@@ -440,12 +486,15 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                              f"checkpoint {ckpt_dir / tag}; resume with --resume auto --output-dir {reporter.out_dir}")
                 stop_reason = "signal"
                 break
+            if lookahead is not None:
+                lookahead.end_epoch()  # the model takes the average: it is what is evaluated and saved
             _sync(device)
             now = time.perf_counter()
             acc.time += now - t0
             progress.train_time += now - t0
+            tta = t.tta_level if epoch + 1 == n_epochs else 0
             m = _finish_epoch(backend, data, cfg, info, augment, acc, progress, epoch, steps, per_epoch, first_step,
-                              acc.time, elapsed)
+                              acc.time, elapsed, tta)
             reporter.epoch(m, n_epochs, m.pop("_steps"))
             progress.history.append(m)
             progress.epoch, progress.step_in_epoch, progress.partial = epoch + 1, 0, None
@@ -488,6 +537,7 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
         "stop_reason": stop_reason,
         "signal": signal.Signals(signum).name if signum else None,
         "train_time_s": progress.train_time,
+        "compile_time_s": progress.compile_s,
         "train_images_per_s": progress.images / progress.train_time if progress.train_time > 0 and progress.images else None,
         "resumed_from": str(resume.path) if resume else None,
         "best_checkpoint": str(ckpt_dir / progress.best_tag) if progress.best_tag else None,
@@ -502,12 +552,16 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
 
 def _finish_epoch(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, augment: Augment, acc: EpochSums,
                   progress: Progress, epoch: int, steps: int, per_epoch: int, first_step: int, epoch_time: float,
-                  elapsed: Any) -> dict[str, Any]:
+                  elapsed: Any, tta_level: int = 0) -> dict[str, Any]:
     """Reduce the epoch's sums across ranks, evaluate, and build its metrics row (+ its step rows)."""
     loss_sum, correct, count = all_reduce_sum(acc.sums).tolist()
     losses = all_reduce_sum(torch.stack(acc.losses).double()) / info.world_size
     progress.images += int(count)
-    val_loss, val_acc = evaluate(backend, data, augment, info, cfg.trainer.data.eval_batch_size)
+    _sync(backend.device)
+    t0 = time.perf_counter()
+    val_loss, val_acc = evaluate(backend, data, augment, info, cfg.trainer.data.eval_batch_size, tta_level)
+    _sync(backend.device)
+    eval_time = time.perf_counter() - t0
     norms = [float(n) for _, n, *_ in acc.norms]
     finite = [n for n in norms if math.isfinite(n)]
     rows: list[dict[str, Any]] = []
@@ -533,6 +587,8 @@ def _finish_epoch(backend: Backend, data: DeviceData, cfg: Config, info: DistInf
         "grad_norm": sum(finite) / len(finite) if finite else None,
         "grad_norm_max": max(finite) if finite else None,
         "epoch_time_s": epoch_time,
+        "eval_time_s": eval_time,
+        "tta_level": tta_level,
         "elapsed_s": elapsed(),
         "skipped_steps": backend.skipped_steps,
         "_steps": rows,

@@ -17,6 +17,17 @@ import torch
 from cifar10ds.errors import ConfigError
 
 SUPPORTED = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+TORCH = ("OneCycleLR",)  # torch's own classes, which DeepSpeed also builds by name
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, kind: str, params: dict[str, Any]) -> Any:
+    """What DeepSpeed's engine builds for ``scheduler.type``: its own classes' formulas, or torch's class."""
+    if kind in TORCH:
+        try:
+            return getattr(torch.optim.lr_scheduler, kind)(optimizer, **params)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"scheduler.params for {kind}: {e}") from None
+    return DeepSpeedStyleSchedule(optimizer, kind, params)
 
 
 class DeepSpeedStyleSchedule:
@@ -26,7 +37,7 @@ class DeepSpeedStyleSchedule:
         if kind not in SUPPORTED:
             raise ConfigError(
                 f"scheduler.type={kind} is not available with the accelerate backend (supported: "
-                f"{', '.join(SUPPORTED)}); use --backend deepspeed or another scheduler"
+                f"{', '.join(SUPPORTED + TORCH)}); use --backend deepspeed or another scheduler"
             )
         allowed = {
             "WarmupLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type"},

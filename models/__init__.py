@@ -47,4 +47,4 @@ def has_normalization(model: nn.Module) -> bool:
 
 
 # Registration happens on import; keep these last.
-from models import bn_cnn, cnn3, resnet, simple_cnn  # noqa: E402,F401
+from models import airbench, bn_cnn, cnn3, resnet, simple_cnn  # noqa: E402,F401

@@ -82,10 +82,10 @@ def test_bad_override(item, message):
     [
         ({"trainer": {"epoch": 3}}, "trainer.epoch: unknown key; allowed keys: model, epochs, seed"),
         ({"trainer": {"data": {"augmentaton": {}}}}, "trainer.data.augmentaton: unknown key; allowed keys: dir, download"),
-        ({"trainer": {"data": {"augmentation": {"flip": "yes"}}}}, "trainer.data.augmentation.flip: Input should be a valid boolean"),
+        ({"trainer": {"data": {"augmentation": {"flip": "yes"}}}}, "trainer.data.augmentation.flip: Input should be true, false or \"alternate\""),
         ({"trainer": {"epochs": "ten"}}, "trainer.epochs: Input should be a valid number"),
         ({"trainer": {"epochs": -1}}, "trainer.epochs: Input should be greater than 0"),
-        ({"trainer": {"model": "vgg"}}, "unknown model 'vgg'; valid names: bn_cnn, cnn3, cnn3_bn, cnn3_fanin, resnet18, resnet9, simple_cnn"),
+        ({"trainer": {"model": "vgg"}}, "unknown model 'vgg'; valid names: airbench94, bn_cnn, cnn3, cnn3_bn, cnn3_fanin, resnet18, resnet9, simple_cnn"),
         ({"trainer": {"early_stopping": {"monitor": "acc"}}}, "monitor: Input should be 'val_acc', 'val_loss' or 'train_loss'"),
         ({"trainer": {"warmup_epochs": 1, "warmup_fraction": 0.1}}, "set at most one of warmup_epochs and warmup_fraction"),
         ({"trainer": {"label_smoothing": 1.0}}, "label_smoothing: Input should be less than 1"),

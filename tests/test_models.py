@@ -13,8 +13,8 @@ def test_every_model_trains_one_step_on_cpu(name):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    grads = [p.grad for p in model.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]  # airbench94 freezes some on purpose
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
@@ -30,6 +30,7 @@ def test_every_model_trains_one_step_on_cpu(name):
     ("cnn3", 2_159_114, False),  # the write-up's exploding 3-conv network, "~2.1M"
     ("cnn3_bn", 2_159_434, True),
     ("cnn3_fanin", 2_159_114, False),
+    ("airbench94", 1_972_792, True),
 ])
 def test_parameter_counts(name, params, batchnorm):
     model = models.create_model(name)
@@ -38,7 +39,7 @@ def test_parameter_counts(name, params, batchnorm):
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(KeyError, match="unknown model 'vgg'; valid names: bn_cnn, cnn3, cnn3_bn, cnn3_fanin, resnet18, resnet9, simple_cnn"):
+    with pytest.raises(KeyError, match="unknown model 'vgg'; valid names: airbench94, bn_cnn, cnn3, cnn3_bn, cnn3_fanin, resnet18, resnet9, simple_cnn"):
         models.create_model("vgg")
 
 
@@ -76,3 +77,27 @@ def test_cnn3_variants_change_one_thing():
     assert abs(fanin.fc1.weight.std().item() - 0.5 * (2 / 4096) ** 0.5) < 0.001
     assert abs(plain.fc1.weight.std().item() - (2 / 512) ** 0.5) < 0.002
     assert not models.has_batchnorm(plain) and models.has_batchnorm(models.create_model("cnn3_bn"))
+
+
+def test_airbench_whitening_layer_whitens_the_patches_it_was_computed_from():
+    torch.manual_seed(0)
+    model = models.create_model("airbench94")
+    mixing = torch.tensor([[1.0, 0.8, 0.6], [0.0, 0.5, 0.4], [0.0, 0.0, 0.3]])  # correlated channels
+    x = torch.einsum("ij,njhw->nihw", mixing, torch.randn(256, 3, 32, 32))
+    model.init_from_data(x)
+    w = model.whiten.weight
+    assert w.shape == (24, 3, 2, 2) and not w.requires_grad
+    assert torch.equal(w[12:], -w[:12])  # each filter and its negation
+    patches = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    z = patches @ w[:12].reshape(12, 12).T
+    cov = z.T @ z / len(z)
+    assert torch.allclose(cov, torch.eye(12), atol=0.02)  # uncorrelated, unit variance (but for eps 5e-4: 0.99)
+    # The whitening bias trains for the first 3 epochs only; BatchNorm scales never train.
+    model.on_epoch_start(2)
+    assert model.whiten.bias.requires_grad
+    model.on_epoch_start(3)
+    assert not model.whiten.bias.requires_grad
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("norm1.weight"))
+    # Dirac init: each conv starts as the identity on its first input channels.
+    conv = model.groups[1].conv1.weight
+    assert conv[5, 5, 1, 1] == 1 and conv[5, 5].sum() == 1 and conv[5, 4].abs().sum() == 0

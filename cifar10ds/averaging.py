@@ -1,0 +1,73 @@
+"""Lookahead weight averaging (airbench94's): an average of the weights, copied back into the model.
+
+From ``start_epoch`` on, every ``every_steps`` optimizer steps the average moves towards the current
+weights, ``avg = decay_s * avg + (1 - decay_s) * w`` with ``decay_s = decay * (s / T) ** power`` (fast
+early, strong at the end), and the model continues from the average (Lookahead). At the end of every
+epoch the model takes the average, so evaluations, checkpoints and the final weights are the
+averaged ones. Floating-point buffers (BatchNorm statistics) are averaged with the weights.
+
+It changes the weights the optimizer updates, so it needs an engine whose optimizer steps the model's
+own fp32 tensors: fp32, or ``torch_autocast`` (DeepSpeed) / mixed precision (Accelerate); not
+DeepSpeed's bf16/fp16 optimizers or ZeRO, which keep separate master weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from cifar10ds.errors import ConfigError
+
+
+def check_own_weights(master_weights: bool, lookahead: bool, channels_last: bool) -> None:
+    """Lookahead and channels_last change the model's weights in place after the engine is built; an engine
+    that keeps its own master weights (DeepSpeed bf16/fp16 optimizers, ZeRO) would not see the change."""
+    key = "lookahead.enabled" if lookahead else "channels_last" if channels_last else None
+    if master_weights and key:
+        raise ConfigError(
+            f"trainer.{key}=true needs the optimizer to update the model's own fp32 weights, but DeepSpeed's "
+            "bf16/fp16/ZeRO keep separate master weights: use \"torch_autocast\": {\"enabled\": true, \"dtype\": "
+            f"\"bfloat16\"}} instead of bf16/fp16 with ZeRO stage 0, or set trainer.{key}=false"
+        )
+
+
+class Lookahead:
+    def __init__(self, cfg: Any, module: nn.Module, total_steps: int, steps_per_epoch: float) -> None:
+        self.cfg = cfg
+        self.module = module
+        self.total = max(1, total_steps)
+        self.start = math.ceil(cfg.start_epoch * steps_per_epoch)
+        self.avg: list[torch.Tensor] | None = None
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in self.module.state_dict().values() if t.is_floating_point()]
+
+    @torch.no_grad()
+    def _blend(self, decay: float) -> None:
+        assert self.avg is not None
+        for avg, w in zip(self.avg, self._tensors()):
+            avg.lerp_(w.to(avg.dtype), 1.0 - decay)
+            w.copy_(avg)
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step ``step`` (1-based, applied steps and skipped ones alike)."""
+        if step < self.start or step % self.cfg.every_steps:
+            return
+        if self.avg is None:
+            self.avg = [t.detach().clone() for t in self._tensors()]
+        else:
+            self._blend(self.cfg.decay * (step / self.total) ** self.cfg.power)
+
+    def end_epoch(self) -> None:
+        if self.avg is not None:
+            self._blend(1.0)  # the model takes the average
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"avg": None if self.avg is None else [t.detach().cpu() for t in self.avg]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("avg")
+        self.avg = None if saved is None else [s.to(w.device, w.dtype) for s, w in zip(saved, self._tensors())]

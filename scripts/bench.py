@@ -1,0 +1,169 @@
+"""Time-to-accuracy benchmark: a preset for N seeds in one process, optionally against airbench94.
+
+    python scripts/bench.py --config configs/speedrun94.json --seeds 10 --data-dir cifar10-jpeg.tar.gz
+    python scripts/bench.py --config configs/speedrun94.json --seeds 10 --data-dir DATA --vs-airbench
+
+Each seed is one ordinary trainer run (``cifar10_deepspeed.run``, the DeepSpeed engine unless
+``--backend`` says otherwise) in this process, after one uncounted warm-up run, as airbench times
+itself: the first run of a process pays for CUDA context, cuDNN autotuning and compilation.
+
+Time per run: the trainer's ``train_time_s`` (training steps only: the device is synchronised at the
+start and end of each epoch; data loading, evaluation and a compiling first step are not in it) plus
+``model_init_time_s`` (computing the whitening layer from data, which airbench times too).
+
+``--vs-airbench`` runs the ``airbench`` package (pip install airbench; it needs torchvision and a GPU)
+on the very same tensors: the trainer's decoded images, written in airbench's own ``cifar10/train.pt``
+and ``test.pt`` format into a scratch folder it reads from. airbench's run is timed from its call to its
+return with the device synchronised (it also builds its model and test loader inside), then scored
+with its own ``evaluate`` at the preset's TTA level. Runs alternate (ours, airbench, ours, ...) so that
+drifts of the machine hit both alike. The report: mean accuracy and train time with 95% CIs for each,
+the ratio of mean times and the accuracy difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import cifar10_deepspeed  # noqa: E402
+from cifar10ds.errors import EXIT_USER_ERROR, UserError, print_line  # noqa: E402
+
+
+def trainer_run(args: argparse.Namespace, seed: int, out: Path) -> dict:
+    argv = ["--deepspeed_config", args.config, "--output-dir", str(out), "--quiet", "--backend", args.backend,
+            "--set", f"trainer.seed={seed}", "--set", "trainer.checkpoint.every_epochs=null"]
+    if args.data_dir:
+        argv += ["--data-dir", args.data_dir]
+    for item in args.overrides:
+        argv += ["--set", item]
+    s = cifar10_deepspeed.run(cifar10_deepspeed.parse_args(argv))
+    return {"seed": seed, "acc": s["final_val_acc"], "time_s": s["train_time_s"] + (s["model_init_time_s"] or 0.0),
+            "train_time_s": s["train_time_s"], "compile_time_s": s["compile_time_s"], "tta_level": s["tta_level"],
+            "train_images": s["train_images"], "test_images": s["test_images"], "device": s["device"],
+            "versions": s["versions"]}
+
+
+class Airbench:
+    """airbench94 from the airbench package, fed the trainer's own tensors."""
+
+    def __init__(self, args: argparse.Namespace, folder: Path, trainer: Any) -> None:
+        import torch
+
+        from cifar10ds.data import balanced_subset, load_cifar10
+
+        cfg = trainer.data
+        data = load_cifar10(args.data_dir or cfg.dir, download=cfg.download, cache_dir=cfg.cache_dir)
+        classes = [f"class{i}" for i in range(data.num_classes)]
+        (folder / "cifar10").mkdir(parents=True, exist_ok=True)
+        for name, x, y, limit in (("train", data.train_x, data.train_y, cfg.train_limit),
+                                  ("test", data.test_x, data.test_y, cfg.test_limit)):
+            idx = balanced_subset(y, limit, cfg.subset_seed)
+            if idx is not None:
+                x, y = x[idx], y[idx]
+            # airbench's format: uint8 NHWC images, int64 labels
+            torch.save({"images": x.permute(0, 2, 3, 1).contiguous(), "labels": y, "classes": classes},
+                       folder / "cifar10" / f"{name}.pt")
+        os.chdir(folder)  # airbench reads ./cifar10/*.pt, already when it is imported
+        try:
+            import airbench
+        except ImportError as e:
+            raise UserError(f"--vs-airbench needs the airbench package ({e}): pip install airbench") from None
+        self.airbench = airbench
+        self.torch = torch
+        self.tta_level = trainer.tta_level
+        self.test_loader = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
+
+    def run(self, seed: int) -> dict:
+        torch = self.torch
+        torch.manual_seed(seed)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(None):
+            model = self.airbench.train94(verbose=False)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        acc = self.airbench.evaluate(model, self.test_loader, tta_level=self.tta_level)
+        return {"seed": seed, "acc": acc, "time_s": elapsed, "version": getattr(self.airbench, "__version__", None)}
+
+
+def describe(name: str, runs: list[dict]) -> dict:
+    from cifar10ds.stats import summarize
+
+    acc = summarize([r["acc"] for r in runs])
+    t = summarize([r["time_s"] for r in runs])
+    print(f"{name:<10} n={acc.n}  accuracy {100 * acc.mean:.2f}% ± {100 * acc.ci_half:.2f}  "
+          f"time {t.mean:.2f}s ± {t.ci_half:.2f}  (95% CI; min/max acc {100 * acc.min:.2f}/{100 * acc.max:.2f}%)")
+    return {"n": acc.n, "acc_mean": acc.mean, "acc_ci95": [acc.ci_low, acc.ci_high], "acc_std": acc.std,
+            "time_mean_s": t.mean, "time_ci95_s": [t.ci_low, t.ci_high], "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "speedrun94.json"))
+    p.add_argument("--seeds", type=int, default=10, help="counted runs (seeds 0..N-1), after one warm-up run")
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 as any source the trainer accepts")
+    p.add_argument("--backend", choices=("auto", "deepspeed", "accelerate"), default="deepspeed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--vs-airbench", action="store_true", help="also run airbench94 on the same data, interleaved")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT.json")
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    args.config = str(Path(args.config).resolve())
+    if args.data_dir and Path(args.data_dir).expanduser().exists():
+        args.data_dir = str(Path(args.data_dir).expanduser().resolve())
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    scratch = Path(tempfile.mkdtemp(prefix="bench-"))
+    ours: list[dict] = []
+    theirs: list[dict] = []
+    try:
+        from cifar10ds.config import load_config
+
+        trainer = load_config(args.config, args.overrides).trainer
+        tta = trainer.tta_level
+        rival = Airbench(args, scratch / "airbench", trainer) if args.vs_airbench else None
+        if args.warmup:
+            trainer_run(args, 10**6, scratch / "warmup")
+            if rival is not None:
+                rival.run(10**6)
+            print("warm-up runs done (not counted)", flush=True)
+        for seed in range(args.seeds):
+            r = trainer_run(args, seed, scratch / f"seed{seed}")
+            ours.append(r)
+            print(f"seed {seed}: trainer  {100 * r['acc']:.2f}% in {r['time_s']:.2f}s", flush=True)
+            if rival is not None:
+                a = rival.run(seed)
+                theirs.append(a)
+                print(f"seed {seed}: airbench {100 * a['acc']:.2f}% in {a['time_s']:.2f}s", flush=True)
+    except UserError as e:
+        print_line(f"{e.kind}: {e}")
+        return EXIT_USER_ERROR
+    print()
+    report = {"config": args.config, "overrides": args.overrides, "backend": args.backend, "tta_level": tta,
+              "device": ours[0]["device"], "versions": ours[0]["versions"], "train_images": ours[0]["train_images"],
+              "test_images": ours[0]["test_images"], "trainer": describe("trainer", ours)}
+    if theirs:
+        report["airbench"] = describe("airbench", theirs)
+        ratio = report["trainer"]["time_mean_s"] / report["airbench"]["time_mean_s"]
+        diff = report["trainer"]["acc_mean"] - report["airbench"]["acc_mean"]
+        report["time_ratio"], report["acc_diff"] = ratio, diff
+        print(f"trainer / airbench mean time = {ratio:.3f}; accuracy difference = {100 * diff:+.2f} points")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The speed preset's options, each on its own: parameter groups, the one-cycle schedule, alternating flips,
+test-time augmentation, Lookahead; then the preset end to end on CPU."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import models
+from cifar10ds.averaging import Lookahead, check_own_weights
+from cifar10ds.batches import Augment
+from cifar10ds.config import LookaheadConfig, ParamGroupRule, TrainerConfig, resolve_schedule
+from cifar10ds.engine import group_lrs, param_groups
+from cifar10ds.errors import ConfigError
+from cifar10ds.loop import tta_logits
+from cifar10ds.schedules import build_schedule
+from tests.helpers import ROOT, run_cli
+
+
+def test_param_groups_first_match_wins_and_scale_lr_and_weight_decay():
+    model = models.create_model("airbench94")
+    rules = [ParamGroupRule(match=r"norm\d\.bias$", lr_scale=64.0, weight_decay_scale=1 / 64)]
+    groups = param_groups(model, rules, {"lr": 1.5, "weight_decay": 0.0128})
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    biases = [n for n in trainable if n.endswith(("norm1.bias", "norm2.bias"))]
+    assert len(groups) == 2 and len(biases) == 6
+    assert len(groups[0]["params"]) == len(trainable) - 6 and "lr" not in groups[0]  # the optimizer's own
+    assert len(groups[1]["params"]) == 6
+    assert groups[1]["lr"] == 96.0 and groups[1]["weight_decay"] == pytest.approx(0.0002)
+    assert group_lrs(groups, {"lr": 1.5}) == [1.5, 96.0]
+    assert not any(p is model.whiten.weight for g in groups for p in g["params"])  # frozen: left out
+    with pytest.raises(ConfigError, match=r"trainer.param_groups\[0\].match='nothing' matches no trainable"):
+        param_groups(model, [ParamGroupRule(match="nothing")], {"lr": 0.1})
+
+
+def test_bad_param_group_regex_is_a_config_error():
+    with pytest.raises(ValueError, match="not a regular expression"):
+        TrainerConfig.model_validate({"param_groups": [{"match": "norm(("}]})
+
+
+def test_one_cycle_auto_fills_steps_and_per_group_peaks_and_keeps_each_groups_ratio():
+    ds = {"gradient_accumulation_steps": 1, "optimizer": {"type": "SGD", "params": {"lr": 1.5}},
+          "scheduler": {"type": "OneCycleLR", "params": {"max_lr": "auto", "total_steps": "auto", "pct_start": 0.23,
+                                                        "anneal_strategy": "linear", "div_factor": 5.0,
+                                                        "final_div_factor": 0.2 / 0.07, "cycle_momentum": False}}}
+    trainer = TrainerConfig.model_validate({"model": "bn_cnn", "epochs": 9.9})
+    resolved = resolve_schedule(ds, trainer, 49, group_lrs=[1.5, 96.0])
+    params = resolved["scheduler"]["params"]
+    assert params["total_steps"] == 486 and params["max_lr"] == [1.5, 96.0]  # ceil(49 x 9.9)
+    a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 96.0}], lr=1.5, momentum=0.85, nesterov=True)
+    sched = build_schedule(opt, "OneCycleLR", params)  # what DeepSpeed builds from the same name and params
+    lrs = []
+    for _ in range(486):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    lrs.append([g["lr"] for g in opt.param_groups])
+    # lrs[i] is the lr of step i + 1; the scheduler's step after the last one (lrs[-1]) is never used.
+    first, peak, last = lrs[0], max(lrs, key=lambda r: r[0]), lrs[-2]
+    assert first == pytest.approx([0.3, 19.2])  # 0.2 x peak
+    assert peak == pytest.approx([1.5, 96.0], rel=1e-3)  # the peak falls between two steps
+    assert last == pytest.approx([0.105, 6.72])  # 0.07 x peak
+    assert lrs.index(peak) == pytest.approx(0.23 * 486, abs=2)
+    assert all(r[1] / r[0] == pytest.approx(64.0) for r in lrs)
+
+
+def test_alternating_flip_flips_every_image_the_other_way_each_epoch():
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    idx = torch.tensor([3, 0, 7, 1, 2, 6, 5, 4])
+    aug = Augment(0, "alternate", 0, seed=1, device="cpu", n_images=8, flip_seed=0)
+    plain = Augment(0, False, 0, seed=1, device="cpu").normalize(x)
+    e0, e1, e2 = (aug(x, idx, epoch) for epoch in (0, 1, 2))
+    flipped0 = [torch.equal(e0[i], plain[i].flip(-1)) for i in range(8)]
+    assert 0 < sum(flipped0) < 8  # a random half (or so) in the first epoch
+    assert all(torch.equal(e1[i], plain[i] if flipped0[i] else plain[i].flip(-1)) for i in range(8))
+    assert torch.equal(e2, e0)
+    again = Augment(0, "alternate", 0, seed=99, device="cpu", n_images=8, flip_seed=0)
+    assert torch.equal(again(x, idx, 0), e0)  # the seed of the run, not the rank's augmentation seed
+
+
+def test_tta_levels():
+    calls = []
+
+    def forward(x):
+        calls.append(x.clone())
+        return x.mean(dim=(2, 3))  # 3 "logits": the channel means
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    assert torch.equal(tta_logits(forward, x, 0), x.mean(dim=(2, 3)))
+    calls.clear()
+    assert torch.allclose(tta_logits(forward, x, 1), x.mean(dim=(2, 3)))  # mirroring keeps channel means
+    assert len(calls) == 2 and torch.equal(calls[1], x.flip(-1))
+    calls.clear()
+    tta_logits(forward, x, 2)
+    assert len(calls) == 6
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    assert torch.equal(calls[2], padded[..., :4, :4]) and torch.equal(calls[4], padded[..., 2:, 2:])
+
+
+def test_lookahead_blends_towards_the_weights_and_ends_on_the_average():
+    lin = nn.Linear(1, 1, bias=False)
+    cfg = LookaheadConfig(enabled=True, every_steps=2, decay=0.5, power=1.0, start_epoch=1.0)
+    la = Lookahead(cfg, lin, total_steps=8, steps_per_epoch=4)
+    with torch.no_grad():
+        for step, w in enumerate([1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0], start=1):
+            lin.weight.fill_(w)
+            la.after_step(step)
+            if step == 4:
+                assert la.avg is not None and float(la.avg[0]) == 4.0  # the average starts at epoch 1
+            if step == 6:  # decay 0.5 x (6/8) = 0.375: 0.375 x 4 + 0.625 x 20
+                assert float(lin.weight) == pytest.approx(14.0) and float(la.avg[0]) == pytest.approx(14.0)
+    lin.weight.data.fill_(40.0)
+    la.end_epoch()  # step 8 blended at decay 0.5: 0.5 x 14 + 0.5 x 40 = 27, and the model takes it
+    assert float(lin.weight) == pytest.approx(27.0)
+    restored = Lookahead(cfg, lin, total_steps=8, steps_per_epoch=4)
+    restored.load_state_dict(la.state_dict())
+    assert float(restored.avg[0]) == pytest.approx(27.0)
+
+
+def test_lookahead_and_channels_last_refuse_deepspeed_master_weights():
+    check_own_weights(False, True, True)
+    with pytest.raises(ConfigError, match="trainer.lookahead.enabled=true needs .*torch_autocast"):
+        check_own_weights(True, True, False)
+    with pytest.raises(ConfigError, match="trainer.channels_last=true"):
+        check_own_weights(True, False, True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["deepspeed", "accelerate"])
+def test_speedrun_preset_runs_end_to_end_on_cpu(tmp_path, data, backend):
+    out = tmp_path / "out"
+    r = run_cli(["--deepspeed_config", str(ROOT / "configs" / "speedrun94.json"), "--data-dir", str(data),
+                 "--output-dir", str(out), "--backend", backend, "--set", "train_batch_size=40", "--set", "trainer.epochs=4",
+                 "--set", "trainer.lookahead.start_epoch=1", "--set", "trainer.data.download=false",
+                 "--set", "trainer.checkpoint.every_epochs=1"], tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    resolved = json.loads((out / "config.json").read_text())
+    assert (summary["model"], summary["precision"], summary["tta_level"], summary["backend"]) == ("airbench94", "bf16", 2, backend)
+    assert summary["model_init_time_s"] > 0  # the whitening layer was computed from the data
+    assert [m["tta_level"] for m in metrics] == [0, 0, 0, 2]  # TTA on the last evaluation only
+    assert resolved["scheduler"]["params"]["total_steps"] == 20  # 200 images / 40 x 4 epochs
+    assert resolved["scheduler"]["params"]["max_lr"] == [1.5, 96.0]
+    assert metrics[-1]["val_acc"] >= 0.4 and metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    state = torch.load(next((out / "checkpoints").glob("step*/**/mp_rank_00_model_states.pt"), None)
+                       or next((out / "checkpoints").glob("step*/trainer_state.pt")), weights_only=False)
+    lookahead = state["client_state"]["lookahead"] if "client_state" in state else state["lookahead"]
+    assert lookahead["avg"] is not None  # the average rides in the checkpoint
+
+
+@pytest.mark.slow
+def test_bench_runs_seeds_in_one_process_and_reports_cis(tmp_path, data):
+    import sys
+
+    from tests.helpers import cli_env, run_bounded
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(ROOT / "configs" / "speedrun94.json"),
+           "--seeds", "2", "--data-dir", str(data), "--json", str(out), "--set", "train_batch_size=40",
+           "--set", "trainer.epochs=1", "--set", "trainer.data.download=false", "--set", "trainer.tta_level=1"]
+    done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    runs = report["trainer"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and report["trainer"]["n"] == 2
+    assert report["tta_level"] == 1 and report["backend"] == "deepspeed" and report["train_images"] == 200
+    assert report["trainer"]["acc_mean"] == pytest.approx(sum(r["acc"] for r in runs) / 2)
+    low, high = report["trainer"]["acc_ci95"]
+    assert low <= report["trainer"]["acc_mean"] <= high
+    assert all(r["time_s"] >= r["train_time_s"] > 0 for r in runs)  # + the whitening layer's computation
+    assert "airbench" not in report
+    assert "trainer    n=2  accuracy" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_vs_airbench_without_the_package_is_one_line(tmp_path, data):
+    import importlib.util
+    import sys
+
+    from tests.helpers import cli_env, run_bounded
+
+    if importlib.util.find_spec("airbench") is not None:
+        pytest.skip("airbench is installed here")
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--seeds", "1", "--data-dir", str(data), "--vs-airbench",
+           "--set", "trainer.data.download=false"]
+    done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: --vs-airbench needs the airbench package") and done.stderr.count("\n") == 1
