@@ -408,8 +408,11 @@ def resolve_schedule(ds: dict[str, Any], trainer: TrainerConfig, micro_steps_per
     else:
         warmup = max(1, round((trainer.warmup_epochs or 0) * micro_steps_per_epoch / accum))
     params = sched.setdefault("params", {})
+    # OneCycleLR's total_steps counts the lrs it defines: T + 1 for T steps, so that the scheduler's step after
+    # the last update lands on its final lr (airbench's schedule has the same T + 1 points) instead of
+    # extrapolating past it (below zero, on short runs).
     fill = {"total_num_steps": total, "warmup_num_steps": warmup, "cycle_first_step_size": max(1, total // 2),
-            "total_steps": total}
+            "total_steps": total + 1}
     if sched["type"] == "OneCycleLR" and params.get("max_lr", AUTO) == AUTO:
         lrs = group_lrs or [ds["optimizer"].get("params", {}).get("lr", 0.001)]
         params["max_lr"] = lrs[0] if len(lrs) == 1 else list(lrs)

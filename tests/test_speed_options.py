@@ -47,22 +47,22 @@ def test_one_cycle_auto_fills_steps_and_per_group_peaks_and_keeps_each_groups_ra
     trainer = TrainerConfig.model_validate({"model": "bn_cnn", "epochs": 9.9})
     resolved = resolve_schedule(ds, trainer, 49, group_lrs=[1.5, 96.0])
     params = resolved["scheduler"]["params"]
-    assert params["total_steps"] == 486 and params["max_lr"] == [1.5, 96.0]  # ceil(49 x 9.9)
+    assert params["total_steps"] == 487 and params["max_lr"] == [1.5, 96.0]  # ceil(49 x 9.9) steps + 1
     a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 96.0}], lr=1.5, momentum=0.85, nesterov=True)
     sched = build_schedule(opt, "OneCycleLR", params)  # what DeepSpeed builds from the same name and params
-    lrs = []
+    lrs = []  # lrs[i]: the lr of optimizer step i + 1; lrs[486]: after the last step (never used)
     for _ in range(486):
         lrs.append([g["lr"] for g in opt.param_groups])
         opt.step()
         sched.step()
     lrs.append([g["lr"] for g in opt.param_groups])
-    # lrs[i] is the lr of step i + 1; the scheduler's step after the last one (lrs[-1]) is never used.
-    first, peak, last = lrs[0], max(lrs, key=lambda r: r[0]), lrs[-2]
+    first, peak = lrs[0], max(lrs, key=lambda r: r[0])
     assert first == pytest.approx([0.3, 19.2])  # 0.2 x peak
     assert peak == pytest.approx([1.5, 96.0], rel=1e-3)  # the peak falls between two steps
-    assert last == pytest.approx([0.105, 6.72])  # 0.07 x peak
     assert lrs.index(peak) == pytest.approx(0.23 * 486, abs=2)
+    assert lrs[-1] == pytest.approx([0.105, 6.72])  # 0.07 x peak, not extrapolated past it
+    assert lrs[-2] == pytest.approx([0.105 + 1.395 / 374, 6.72 + 89.28 / 374], rel=0.01)  # one decrement above, as airbench
     assert all(r[1] / r[0] == pytest.approx(64.0) for r in lrs)
 
 
@@ -142,7 +142,8 @@ def test_speedrun_preset_runs_end_to_end_on_cpu(tmp_path, data, backend):
     assert (summary["model"], summary["precision"], summary["tta_level"], summary["backend"]) == ("airbench94", "bf16", 2, backend)
     assert summary["model_init_time_s"] > 0  # the whitening layer was computed from the data
     assert [m["tta_level"] for m in metrics] == [0, 0, 0, 2]  # TTA on the last evaluation only
-    assert resolved["scheduler"]["params"]["total_steps"] == 20  # 200 images / 40 x 4 epochs
+    assert resolved["scheduler"]["params"]["total_steps"] == 21  # 200 images / 40 x 4 epochs, + 1
+    assert min(m["lr"] for m in metrics) > 0
     assert resolved["scheduler"]["params"]["max_lr"] == [1.5, 96.0]
     assert metrics[-1]["val_acc"] >= 0.4 and metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     state = torch.load(next((out / "checkpoints").glob("step*/**/mp_rank_00_model_states.pt"), None)
@@ -189,3 +190,20 @@ def test_bench_vs_airbench_without_the_package_is_one_line(tmp_path, data):
     done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("error: --vs-airbench needs the airbench package") and done.stderr.count("\n") == 1
+
+
+def test_parse_airbench_table_reads_its_own_final_row():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import parse_airbench_table
+
+    printed = "\n".join([
+        "-" * 40,
+        "|  run     |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |",
+        "-" * 40,
+        "|       0  |      0  |      1.7000  |     0.4000  |   0.5000  |               |              0.4100  |",
+        "|          |      9  |      0.9000  |     0.9500  |   0.9300  |               |              3.5000  |",
+        "|          |   eval  |              |             |           |       0.9401  |              3.8300  |",
+    ])
+    assert parse_airbench_table(printed) == {"tta_val_acc": 0.9401, "total_time_seconds": 3.83}

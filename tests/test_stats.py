@@ -42,3 +42,24 @@ def test_verdict_in_plain_words():
     assert verdict(acc, time, 4).endswith("no accuracy difference detected at n=4")
     better = welch([0.90, 0.91, 0.905], [0.95, 0.951, 0.949])
     assert "more accurate (+4.50 pp" in verdict(better, None, 3)
+
+
+def test_t_table_without_scipy_matches_scipy(monkeypatch):
+    import builtins
+
+    from cifar10ds.stats import t_ppf
+
+    real_import = builtins.__import__
+
+    def no_scipy(name, *args, **kwargs):
+        if name.startswith("scipy"):
+            raise ImportError("no scipy here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    for df in (1, 2, 9, 24, 30):
+        assert t_ppf(0.975, df) == pytest.approx(sps.t.ppf(0.975, df), abs=1e-4)
+    for df in (40, 99, 999, 1e6):  # interpolated: within 0.002 of the exact value
+        assert t_ppf(0.975, df) == pytest.approx(sps.t.ppf(0.975, df), abs=2e-3)
+    with pytest.raises(ImportError):
+        t_ppf(0.95, 5)
