@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
     if t.channels_last:  # after the engine: DeepSpeed's start-up broadcast needs contiguous weights
         backend.module.to(memory_format=torch.channels_last)
     if t.compile:
-        backend.compile()
+        backend.compile(t.compile if isinstance(t.compile, str) else None)
     device = backend.device
 
     def on_device(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:

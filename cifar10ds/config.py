@@ -167,8 +167,11 @@ class TrainerConfig(_Section):
         0, description="test-time augmentation of the last evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel translations"
     )
     channels_last: bool = Field(False, description="model and batches in channels_last memory format (faster convs on GPUs)")
-    compile: bool = Field(False, description="torch.compile the model (DeepSpeed: engine.compile()); the first step, "
-                          "which compiles, is timed apart from train_time_s")
+    compile: bool | str = Field(
+        False, description='torch.compile the model (DeepSpeed: engine.compile()); true = the default backend '
+        '("inductor"), a string names another ("eager" checks tracing only); the first step, which compiles, is timed '
+        "apart from train_time_s (compile_time_s)"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

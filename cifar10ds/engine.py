@@ -114,8 +114,8 @@ class Backend:
     def skipped_steps(self) -> int:
         raise NotImplementedError
 
-    def compile(self) -> None:
-        """torch.compile the model (trainer.compile)."""
+    def compile(self, backend: str | None = None) -> None:
+        """torch.compile the model (trainer.compile) with ``backend`` (None: torch's default)."""
         raise NotImplementedError
 
 
@@ -269,8 +269,9 @@ class DeepSpeedBackend(Backend):
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def compile(self) -> None:
-        self.engine.compile()  # DeepSpeed's own: compiles the module it wraps
+    def compile(self, backend: str | None = None) -> None:
+        # DeepSpeed's own: compiles the module it wraps
+        self.engine.compile(**({"backend": backend} if backend else {}))
 
     def _param_groups(self) -> list[dict[str, Any]]:
         return self.engine.optimizer.param_groups
@@ -464,8 +465,8 @@ class AccelerateBackend(Backend):
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def compile(self) -> None:
-        self.model = torch.compile(self.model)
+    def compile(self, backend: str | None = None) -> None:
+        self.model = torch.compile(self.model, **({"backend": backend} if backend else {}))
 
     def _param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     finally:
         os.chdir(ROOT)
-        shutil.rmtree(scratch, ignore_errors=True)  # the runs' folders and airbench's copy of the data
+        shutil.rmtree(scratch, ignore_errors=True)  # the runs' folders (results are in the report), the data copy
     print()
     report = {"config": args.config, "overrides": args.overrides, "backend": args.backend, "tta_level": tta,
               "device": ours[0]["device"], "versions": ours[0]["versions"], "train_images": ours[0]["train_images"],
