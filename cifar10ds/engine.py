@@ -138,9 +138,9 @@ def param_groups(model: nn.Module, rules: list[Any], opt_params: dict[str, Any])
     groups: list[dict[str, Any]] = [{"params": buckets[0]}] if buckets[0] else []
     for i, (rule, params) in enumerate(zip(rules, buckets[1:])):
         if not params:
-            raise ConfigError(f"trainer.param_groups[{i}].match={rule.match!r} matches no trainable parameter "
-                              "(or an earlier rule took them all); names: python cifar10_deepspeed.py --list-models "
-                              "gives models, model.named_parameters() their parameter names")
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            raise ConfigError(f"trainer.param_groups[{i}].match={rule.match!r} matches no trainable parameter (or an "
+                              f"earlier rule took them all); this model's names look like {', '.join(names[:4])}, ...")
         groups.append({"params": params, "lr": base_lr * rule.lr_scale, "weight_decay": base_wd * rule.weight_decay_scale})
     return groups
 
