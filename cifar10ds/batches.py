@@ -126,7 +126,7 @@ class Augment:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 -> normalized float32, no augmentation (evaluation)."""
-        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        return normalize(x).contiguous(memory_format=self.memory_format)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -209,15 +209,7 @@ class Config:
 
     @property
     def precision(self) -> str:
-        """The compute precision: bf16/fp16 from DeepSpeed's bf16/fp16 sections or its torch_autocast."""
-        if _enabled(self.ds, "bf16"):
-            return "bf16"
-        if _enabled(self.ds, "fp16"):
-            return "fp16"
-        if self.autocast:
-            dtype = str(self.ds["torch_autocast"].get("dtype", "bfloat16"))
-            return "fp16" if dtype in ("fp16", "float16", "half", "torch.float16") else "bf16"
-        return "fp32"
+        return precision_of(self.ds)
 
     @property
     def autocast(self) -> bool:
@@ -294,6 +286,18 @@ def _describe(err: ValidationError, model: type[BaseModel], prefix: str) -> str:
         return f"{key}: unknown key; allowed keys: {', '.join(owner.model_fields)}"
     msg = first["msg"].removeprefix("Value error, ")
     return f"{key}: {msg} (got {first['input']!r})"
+
+
+def precision_of(ds: dict[str, Any]) -> str:
+    """The compute precision, fp32/bf16/fp16: from DeepSpeed's bf16/fp16 sections or its torch_autocast."""
+    if _enabled(ds, "bf16"):
+        return "bf16"
+    if _enabled(ds, "fp16"):
+        return "fp16"
+    if _enabled(ds, "torch_autocast"):
+        dtype = str(ds["torch_autocast"].get("dtype", "bfloat16"))
+        return "fp16" if dtype in ("fp16", "float16", "half", "torch.float16") else "bf16"
+    return "fp32"
 
 
 def _enabled(ds: dict[str, Any], section: str) -> bool:

@@ -315,14 +315,10 @@ _DEEPSPEED_ONLY_OPTIMIZERS = {"lamb", "onebitadam", "zerooneadam", "onebitlamb",
 
 def accelerate_precision(ds_config: dict[str, Any]) -> str:
     """Accelerate's mixed_precision (autocast over fp32 weights) for DeepSpeed's bf16, fp16 or torch_autocast."""
-    if ds_config.get("bf16", {}).get("enabled"):
-        return "bf16"
-    if ds_config.get("fp16", {}).get("enabled"):
-        return "fp16"
-    autocast = ds_config.get("torch_autocast", {})
-    if autocast.get("enabled"):
-        return "fp16" if str(autocast.get("dtype", "bfloat16")) in ("fp16", "float16", "half", "torch.float16") else "bf16"
-    return "no"
+    from cifar10ds.config import precision_of
+
+    precision = precision_of(ds_config)
+    return "no" if precision == "fp32" else precision
 
 
 def check_accelerate_config(ds_config: dict[str, Any]) -> list[str]:

@@ -8,19 +8,14 @@ import pytest
 import torch
 
 from tests.helpers import accuracy_in_one_process
+from tests.test_reliability import CONFIG as RELIABILITY_CONFIG
 from tests.test_reliability import launch, metrics
 
 pytestmark = pytest.mark.slow
 
-CONFIG = {
-    "train_batch_size": 20,
-    "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}},
-    "scheduler": {"type": "WarmupCosineLR",
-                  "params": {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_type": "linear"}},
-    "trainer": {"model": "bn_cnn", "epochs": 2, "warmup_fraction": 0.5, "dist_timeout_s": 20,
-                "checkpoint": {"every_steps": 1, "keep_last": 50},
-                "data": {"download": False, "augmentation": {"crop_padding": 2, "flip": True, "cutout": 4}}},
-}
+CONFIG = {**RELIABILITY_CONFIG,  # the reliability tests' run, shorter, with a checkpoint at every step
+          "trainer": {**RELIABILITY_CONFIG["trainer"], "epochs": 2, "warmup_fraction": 0.5,
+                      "checkpoint": {"every_steps": 1, "keep_last": 50}}}
 
 
 def steps(out):
