@@ -85,6 +85,9 @@ def run(args: argparse.Namespace) -> dict:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         dist.share_cpu_threads()
+        malloc_tuned = t.cpu_keep_freed_memory and dist.keep_freed_memory()
+    else:
+        malloc_tuned = False
     info = dist.env_info()
     if torch.cuda.is_available():  # before the first collective: NCCL needs each rank on its own GPU
         torch.cuda.set_device(info.local_rank)
@@ -196,6 +199,7 @@ def run(args: argparse.Namespace) -> dict:
         "train_images": n_train,
         "model_init_time_s": init_time,
         "tta_level": t.tta_level,
+        "cpu_keep_freed_memory": malloc_tuned,
         "test_images": len(data.test_y),
         "device": tracking.device_name(device),
         "versions": tracking.library_versions(),

@@ -172,6 +172,10 @@ class TrainerConfig(_Section):
         '("inductor"), a string names another ("eager" checks tracing only); the first step, which compiles, is timed '
         "apart from train_time_s (compile_time_s)"
     )
+    cpu_keep_freed_memory: bool = Field(
+        True, description="on CPU (Linux, glibc): keep freed tensor memory in the process instead of returning it to "
+        "the kernel and faulting it in again every step (mallopt; up to 1 GB kept); false leaves malloc as it is"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

@@ -120,6 +120,39 @@ def share_cpu_threads() -> int | None:
     return threads
 
 
+# glibc's mallopt parameters (malloc.h) and the values the trainer sets on CPU.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest: blocks up to 32 MB come from the heap, not fresh mmaps
+TRIM_THRESHOLD_BYTES = 1 << 30  # free memory at the top of the heap the process keeps instead of returning
+
+
+def keep_freed_memory() -> bool:
+    """On Linux with glibc, stop handing freed tensor memory back to the kernel after every step.
+
+    PyTorch's CPU tensors come straight from malloc. glibc serves blocks of 128 KB and more (a
+    batch's activations and gradients) from fresh mmaps or trims them off the heap when freed, so
+    every training step faults the same megabytes in again: 700-2,600 page faults per step for
+    the BN-CNN at batch 32, a quarter or more of the step's time on the 2-core VM of
+    docs/benchmarks.md. Raising both thresholds (what the ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` environment variables do at start-up) keeps those blocks in the
+    process; the cost is up to 1 GB of freed memory that is not returned. Returns whether it was
+    applied (False on other C libraries, which have no mallopt).
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # Both or neither: setting the trim threshold alone turns off glibc's adaptive mmap threshold
+    # and makes matters worse (8,000 faults per step in the measurement above).
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
 def release_shm_buffers() -> list[str]:
     """Remove this rank's /dev/shm file of DeepSpeed's CPU shared-memory all-reduce; returns what it removed.
 

@@ -3,21 +3,24 @@
     python scripts/bench_cpu.py --data-dir ../shared/data/cifar10-jpeg.tar.gz
     python scripts/bench_cpu.py --data-dir data --images 10000 --rounds 3 --json bench.json
 
-Three contenders train the same model (same seed) on the same N training images for one epoch each,
+Four contenders train the same model (same seed) on the same N training images for one epoch each,
 one process, fp32, SGD lr 0.01 momentum 0.9, gradient clipping 1.0, random crop (pad 4) + flip:
 
 * trainer:    ``python cifar10_deepspeed.py --deepspeed_config configs/bn_cnn_stable.json ...`` as a
               subprocess, exactly as a user runs it; its own ``train_images_per_s`` from summary.json;
 * hand:       a plain PyTorch loop over pre-batched uint8 tensors, batch augmentation with tensor ops;
+* hand_kept:  the same loop in a process that keeps freed memory the way the trainer does on CPU
+              (``cifar10ds.dist.keep_freed_memory``, the trainer's ``trainer.cpu_keep_freed_memory``): the
+              like-for-like reference for the trainer's own overhead, reported without a target;
 * dataloader: the tutorial pipeline: torchvision's ``CIFAR10`` dataset with ``RandomCrop(32, padding=4)``,
               ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` (per image, on PIL images), in a
               ``DataLoader(batch_size, shuffle=True, num_workers=2)`` (the PyTorch tutorial's), rebuilt with
               Pillow step for step because torchvision cannot be imported on this CPU-only machine.
 
-The trainer's N images are its ``trainer.data.train_limit`` subset (seeded, class-balanced); the other two
+The trainer's N images are its ``trainer.data.train_limit`` subset (seeded, class-balanced); the others
 use the very same images (``balanced_subset`` with the same seed). Each contender's epoch runs in a fresh
-process (the trainer's cannot run otherwise; ``--in-process`` runs the other two here instead), after one
-uncounted warm-up epoch of the hand loop. The three run interleaved for ``--rounds`` rounds (the order
+process (the trainer's cannot run otherwise; ``--in-process`` runs hand and dataloader here instead), after one
+uncounted warm-up epoch of the hand loop. They run interleaved for ``--rounds`` rounds (the order
 rotates each round) with the same thread count (``OMP_NUM_THREADS`` for the trainer, ``torch.set_num_threads``
 for the others); the ratios compare the per-contender means. Each run also records how many cores other
 processes kept busy meanwhile: on a shared machine the numbers mean little (with 2 threads on 2 cores and one
@@ -49,12 +52,13 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 import models  # noqa: E402
 from cifar10ds.batches import MEAN, STD  # noqa: E402
 from cifar10ds.data import balanced_subset, load_cifar10  # noqa: E402
+from cifar10ds.dist import keep_freed_memory  # noqa: E402
 from cifar10ds.errors import EXIT_USER_ERROR, DataError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINER = ROOT / "cifar10_deepspeed.py"
 CONFIG = ROOT / "configs" / "bn_cnn_stable.json"
-CONTENDERS = ("trainer", "hand", "dataloader")
+CONTENDERS = ("trainer", "hand", "hand_kept", "dataloader")
 TARGETS = {"trainer/hand": 0.9, "trainer/dataloader": 1.8}  # issue 6
 LR, MOMENTUM, CLIP, PAD, SEED = 0.01, 0.9, 1.0, 4, 0
 BUSY_CORES = 0.1  # other processes' average load above which a measurement is flagged
@@ -260,7 +264,7 @@ def summarize(rounds: list[dict[str, dict]]) -> dict:
     per = {name: [r[name]["images_per_s"] for r in rounds] for name in CONTENDERS}
     mean = {name: sum(v) / len(v) for name, v in per.items()}
     median = {name: statistics.median(v) for name, v in per.items()}
-    ratios = {"trainer/hand": mean["trainer"] / mean["hand"], "trainer/dataloader": mean["trainer"] / mean["dataloader"]}
+    ratios = {f"trainer/{name}": mean["trainer"] / mean[name] for name in CONTENDERS[1:]}
     return {
         "contenders": {name: {"mean_images_per_s": mean[name], "median_images_per_s": median[name],
                               "per_round_images_per_s": per[name],
@@ -269,8 +273,7 @@ def summarize(rounds: list[dict[str, dict]]) -> dict:
                               "foreign_cores_per_round": [r[name]["foreign_cores"] for r in rounds]}
                        for name in CONTENDERS},
         "ratios": ratios,
-        "median_ratios": {"trainer/hand": median["trainer"] / median["hand"],
-                          "trainer/dataloader": median["trainer"] / median["dataloader"]},
+        "median_ratios": {f"trainer/{name}": median["trainer"] / median[name] for name in CONTENDERS[1:]},
         "targets": TARGETS,
         "pass": {k: ratios[k] >= TARGETS[k] for k in TARGETS},
     }
@@ -301,10 +304,13 @@ def load_subset(data_dir: str, images: int, cache_dir: str | None) -> tuple[torc
 
 
 def run_hand_contender(args: argparse.Namespace, name: str, rnd: int, threads: int) -> dict:
-    """``hand`` or ``dataloader``: in this process (--in-process), else in a fresh one, as cold as the trainer."""
-    if args.in_process:
+    """A contender other than the trainer: in this process (--in-process), else in a fresh one, as cold as the trainer.
+
+    ``hand_kept`` always runs in a fresh process: its malloc setting would stay with this one.
+    """
+    if args.in_process and name != "hand_kept":
         x_all, y_all, num_classes = load_subset(args.data_dir, args.images, args.cache_dir)
-        run = run_hand if name == "hand" else run_dataloader
+        run = run_dataloader if name == "dataloader" else run_hand
         return run(x_all, y_all, args, num_classes, rnd)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--data-dir", args.data_dir, "--images", str(args.images),
            "--batch", str(args.batch), "--model", args.model, "--workers", str(args.workers), "--threads", str(threads),
@@ -328,7 +334,8 @@ def run_rounds(args: argparse.Namespace, n: int, threads: int) -> tuple[list[dic
     trainer_cmd: list[str] = []
     trainer_backend = None
     for r in range(args.rounds):
-        order = CONTENDERS[r % 3:] + CONTENDERS[: r % 3]  # rotate, so no contender always runs first
+        k = r % len(CONTENDERS)
+        order = CONTENDERS[k:] + CONTENDERS[:k]  # rotate, so no contender always runs first
         result: dict[str, dict] = {}
         for name in order:
             for attempt in range(1 + (RETRIES if args.wait_quiet else 0)):
@@ -371,14 +378,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="decoded-data cache (default: the trainer's)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write the numbers here")
     p.add_argument("--in-process", action="store_true",
-                   help="run the hand and DataLoader loops in this process (default: each run in a fresh process, "
+                   help="run the hand and DataLoader loops in this process (hand_kept always runs in a fresh one; default: each run in a fresh process, "
                         "started like the trainer's, so no contender profits from another's warm-up)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the uncounted hand-loop epoch that runs before the rounds")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="before each run, wait up to this long until other processes leave the CPU alone, and repeat "
                         f"a run they disturbed (up to {RETRIES} times); default 0: neither")
-    p.add_argument("--one", choices=("hand", "dataloader"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--one", choices=CONTENDERS[1:], default=None, help=argparse.SUPPRESS)
     p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.images < 2 or args.rounds < 1 or args.batch < 1:
@@ -390,7 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     if args.one:  # one contender for a parent bench process: one JSON line on stdout
         x_all, y_all, num_classes = load_subset(args.data_dir, args.images, args.cache_dir)
-        run = run_hand if args.one == "hand" else run_dataloader
+        if args.one == "hand_kept" and not keep_freed_memory():
+            print("error: this C library has no mallopt; run without the hand_kept contender", file=sys.stderr)
+            return 1
+        run = run_dataloader if args.one == "dataloader" else run_hand
         print(json.dumps(run(x_all, y_all, args, num_classes, args.round)))
         return 0
     try:
@@ -417,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, target in TARGETS.items():
         verdict = "PASS" if out["pass"][key] else "FAIL"
         print(f"{verdict}: {key} = {out['ratios'][key]:.2f} (target >= {target})")
+    print(f"info: trainer/hand_kept = {out['ratios']['trainer/hand_kept']:.2f} (no target: the hand loop with the "
+          "trainer's malloc setting, i.e. the trainer's own overhead)")
     busiest = max((c for r in rounds for c in (v["foreign_cores"] for v in r.values()) if c is not None), default=None)
     if busiest is not None and busiest > BUSY_CORES:
         print(f"warning: other processes kept up to {busiest:.2f} cores busy during a measurement; "

@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,7 @@ def test_one_process_run_writes_its_outputs(tmp_path, data, config):
     assert summary["stopped_early"] is False and summary["stop_reason"] == "completed"
     assert summary["train_images_per_s"] == pytest.approx(600 / summary["train_time_s"])
     assert summary["device"].startswith("cpu") and summary["versions"]["deepspeed"]
+    assert summary["cpu_keep_freed_memory"] is sys.platform.startswith("linux")  # glibc's mallopt, on by default
     assert "git_commit" in summary and summary["total_time_s"] >= summary["train_time_s"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 0 and manifest["world_size"] == 1 and manifest["device_count"] == 1

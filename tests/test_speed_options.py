@@ -2,6 +2,7 @@
 test-time augmentation, Lookahead; then the preset end to end on CPU."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -140,13 +141,15 @@ def test_speedrun_preset_runs_end_to_end_on_cpu(tmp_path, data, backend):
     r = run_cli(["--deepspeed_config", str(ROOT / "configs" / "speedrun94.json"), "--data-dir", str(data),
                  "--output-dir", str(out), "--backend", backend, "--set", "train_batch_size=40", "--set", "trainer.epochs=8",
                  "--set", "trainer.lookahead.start_epoch=1", "--set", "trainer.data.download=false",
-                 "--set", "trainer.checkpoint.every_epochs=1"], tmp_path, timeout=300)
+                 "--set", "trainer.checkpoint.every_epochs=1",
+                 "--set", f"trainer.cpu_keep_freed_memory={str(backend == 'deepspeed').lower()}"], tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     resolved = json.loads((out / "config.json").read_text())
     assert (summary["model"], summary["precision"], summary["tta_level"], summary["backend"]) == ("airbench94", "bf16", 2, backend)
     assert summary["model_init_time_s"] > 0  # the whitening layer was computed from the data
+    assert summary["cpu_keep_freed_memory"] is (backend == "deepspeed" and sys.platform.startswith("linux"))
     assert [m["tta_level"] for m in metrics] == [0] * 7 + [2]  # TTA on the last evaluation only
     assert resolved["scheduler"]["params"]["total_steps"] == 41  # 200 images / 40 x 8 epochs, + 1
     assert min(m["lr"] for m in metrics) > 0
