@@ -272,6 +272,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Clock:
+    """Seconds of device work between two marks: CUDA events on a GPU (how airbench times itself), the host
+    clock elsewhere. ``mark()`` after a sync starts at an idle device; ``since()`` waits for the device.
+
+    What is not training (data preparation before the epoch, the first step's compile, evaluation,
+    checkpoints) lies outside the marks.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def since(self, start: Any) -> float:
+        if not self.cuda:
+            return time.perf_counter() - start
+        end = self.mark()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+
+
 def tta_logits(forward: Any, x: torch.Tensor, level: int) -> torch.Tensor:
     """Logits with test-time augmentation: 0 none; 1 the mean over the image and its mirror image;
     2 half that, plus a quarter each of the same for the image shifted one pixel up-left and down-right."""
@@ -319,6 +346,7 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
     """Train for ``trainer.epochs`` (or until early stopping or a signal); return the run's results."""
     t = cfg.trainer
     device = backend.device
+    clock = Clock(device)
     micro = cfg.ds["train_micro_batch_size_per_gpu"]
     accumulation = cfg.ds["gradient_accumulation_steps"]
     n_train = len(data.train_y)
@@ -415,13 +443,12 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                 on_epoch_start(epoch)
             bar = reporter.progress(steps, f"epoch {epoch + 1}/{n_epochs}", initial=progress.step_in_epoch)
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock.mark()
             for b in range(progress.step_in_epoch, steps):
                 idx = shard[b * micro : (b + 1) * micro]
                 y = data.train_y[idx]
                 if compile_pending:
-                    _sync(device)
-                    t_first = time.perf_counter()
+                    t_first = clock.mark()
                 logits = backend.forward(augment(data.train_x[idx], idx, epoch))
                 loss = fault.poison(progress.step + 1, F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing))
                 backend.backward(loss)
@@ -434,9 +461,8 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                 if lookahead is not None and progress.step % accumulation == 0:
                     lookahead.after_step(progress.step // accumulation)
                 if compile_pending:  # the first step compiles: timed on its own, not as training
-                    _sync(device)
-                    progress.compile_s = time.perf_counter() - t_first
-                    t0 += progress.compile_s
+                    progress.compile_s = clock.since(t_first)
+                    t0 = clock.mark()  # the epoch's training time starts after it
                     compile_pending = False
                 fault.maybe(progress.step)
                 progress.step_in_epoch = b + 1
@@ -458,15 +484,14 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                 every = t.checkpoint.every_steps
                 stopping = signum or doctor in (STOP, ROLLBACK)
                 if stopping or (every and progress.step % every == 0 and b + 1 < steps):
-                    _sync(device)
-                    now = time.perf_counter()
-                    acc.time += now - t0
-                    progress.train_time += now - t0
+                    seconds = clock.since(t0)
+                    acc.time += seconds
+                    progress.train_time += seconds
                     progress.partial = acc.to_plain()
                     if stopping:
                         break
                     save("every_steps")
-                    t0 = time.perf_counter()  # time spent saving is not training time
+                    t0 = clock.mark()  # time spent saving is not training time
             if bar is not None:
                 bar.close()
             if doctor == ROLLBACK and not signum:
@@ -488,10 +513,9 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                 break
             if lookahead is not None:
                 lookahead.end_epoch()  # the model takes the average: it is what is evaluated and saved
-            _sync(device)
-            now = time.perf_counter()
-            acc.time += now - t0
-            progress.train_time += now - t0
+            seconds = clock.since(t0)
+            acc.time += seconds
+            progress.train_time += seconds
             tta = t.tta_level if epoch + 1 == n_epochs else 0
             m = _finish_epoch(backend, data, cfg, info, augment, acc, progress, epoch, steps, per_epoch, first_step,
                               acc.time, elapsed, tta)
@@ -557,11 +581,11 @@ def _finish_epoch(backend: Backend, data: DeviceData, cfg: Config, info: DistInf
     loss_sum, correct, count = all_reduce_sum(acc.sums).tolist()
     losses = all_reduce_sum(torch.stack(acc.losses).double()) / info.world_size
     progress.images += int(count)
+    clock = Clock(backend.device)
     _sync(backend.device)
-    t0 = time.perf_counter()
+    t0 = clock.mark()
     val_loss, val_acc = evaluate(backend, data, augment, info, cfg.trainer.data.eval_batch_size, tta_level)
-    _sync(backend.device)
-    eval_time = time.perf_counter() - t0
+    eval_time = clock.since(t0)
     norms = [float(n) for _, n, *_ in acc.norms]
     finite = [n for n in norms if math.isfinite(n)]
     rows: list[dict[str, Any]] = []

@@ -14,7 +14,7 @@ from cifar10ds.batches import Augment
 from cifar10ds.config import LookaheadConfig, ParamGroupRule, TrainerConfig, resolve_schedule
 from cifar10ds.engine import group_lrs, param_groups
 from cifar10ds.errors import ConfigError
-from cifar10ds.loop import tta_logits
+from cifar10ds.loop import Clock, tta_logits
 from cifar10ds.schedules import build_schedule
 from tests.helpers import ROOT, run_cli
 
@@ -234,3 +234,38 @@ def test_compile_goes_through_the_engine_and_its_first_step_is_timed_apart(tmp_p
     r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(plain), "--quiet",
                  "--backend", backend, "--set", "trainer.epochs=1"], tmp_path, timeout=300)
     assert json.loads((plain / "summary.json").read_text())["compile_time_s"] is None
+
+
+def test_clock_times_the_device_with_cuda_events_on_a_gpu(monkeypatch):
+    """On a GPU the training time is the CUDA events' (as airbench counts it), read after the end event completes."""
+    recorded_ms = iter([1000.0, 3500.0])
+    made = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.ms, self.done = None, False
+            made.append(self)
+
+        def record(self) -> None:
+            self.ms = next(recorded_ms)
+
+        def synchronize(self) -> None:
+            self.done = True
+
+        def elapsed_time(self, end) -> float:
+            assert end.done, "read before the end event completed"
+            return end.ms - self.ms
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    clock = Clock(torch.device("cuda", 0))
+    start = clock.mark()
+    assert clock.since(start) == pytest.approx(2.5)
+    assert len(made) == 2
+
+
+def test_clock_uses_the_host_clock_on_cpu(monkeypatch):
+    now = iter([10.0, 10.75])
+    monkeypatch.setattr("cifar10ds.loop.time.perf_counter", lambda: next(now))
+    clock = Clock(torch.device("cpu"))
+    assert clock.since(clock.mark()) == pytest.approx(0.75)
