@@ -9,9 +9,10 @@ one process, fp32, SGD lr 0.01 momentum 0.9, gradient clipping 1.0, random crop 
 * trainer:    ``python cifar10_deepspeed.py --deepspeed_config configs/bn_cnn_stable.json ...`` as a
               subprocess, exactly as a user runs it; its own ``train_images_per_s`` from summary.json;
 * hand:       a plain PyTorch loop over pre-batched uint8 tensors, batch augmentation with tensor ops;
-* hand_kept:  the same loop in a process that keeps freed memory the way the trainer does on CPU
-              (``cifar10ds.dist.keep_freed_memory``, the trainer's ``trainer.cpu_keep_freed_memory``): the
-              like-for-like reference for the trainer's own overhead, reported without a target;
+* hand_kept:  the same loop with the trainer's settings: in a process that keeps freed memory the way the
+              trainer does on CPU (``cifar10ds.dist.keep_freed_memory``, the trainer's
+              ``trainer.cpu_keep_freed_memory``) and, with ``--channels-last``, in channels_last as the trainer
+              then is: the like-for-like reference for the trainer's own overhead, reported without a target;
 * dataloader: the tutorial pipeline: torchvision's ``CIFAR10`` dataset with ``RandomCrop(32, padding=4)``,
               ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` (per image, on PIL images), in a
               ``DataLoader(batch_size, shuffle=True, num_workers=2)`` (the PyTorch tutorial's), rebuilt with
@@ -148,6 +149,7 @@ def run_trainer(args: argparse.Namespace, n: int, threads: int) -> dict:
             "--set", "trainer.checkpoint.every_epochs=null",
             "--set", f"trainer.model={args.model}",
             "--set", f"train_batch_size={args.batch}",
+            "--set", f"trainer.channels_last={str(args.channels_last).lower()}",
         ]
         if args.cache_dir:
             cmd += ["--set", f"trainer.data.cache_dir={args.cache_dir}"]
@@ -182,9 +184,12 @@ def crop_flip_batch(x: torch.Tensor, g: torch.Generator, mean: torch.Tensor, std
     return (x - mean) / std
 
 
-def run_hand(x_all: torch.Tensor, y_all: torch.Tensor, args: argparse.Namespace, num_classes: int, rnd: int) -> dict:
+def run_hand(x_all: torch.Tensor, y_all: torch.Tensor, args: argparse.Namespace, num_classes: int, rnd: int,
+             channels_last: bool = False) -> dict:
     """A plain loop over pre-batched tensors; only the loop is timed."""
     model, opt = _fresh(args.model, num_classes)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
     g = torch.Generator().manual_seed(SEED * 1000 + rnd)
     perm = torch.randperm(len(y_all), generator=g)
     xs, ys = x_all[perm].split(args.batch), y_all[perm].split(args.batch)
@@ -194,7 +199,7 @@ def run_hand(x_all: torch.Tensor, y_all: torch.Tensor, args: argparse.Namespace,
     model.train()
     t0 = time.perf_counter()
     for xb, yb in zip(xs, ys):
-        logits = model(crop_flip_batch(xb, g, mean, std))
+        logits = model(crop_flip_batch(xb, g, mean, std).contiguous(memory_format=fmt))
         loss = F.cross_entropy(logits, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -317,6 +322,8 @@ def run_hand_contender(args: argparse.Namespace, name: str, rnd: int, threads: i
            "--in-process", "--one", name, "--round", str(rnd)]
     if args.cache_dir:
         cmd += ["--cache-dir", args.cache_dir]
+    if args.channels_last:
+        cmd.append("--channels-last")
     done = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {name} contender failed (exit {done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
@@ -372,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="bn_cnn")
     p.add_argument("--workers", type=int, default=2, help="DataLoader num_workers (default 2, the PyTorch tutorial's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for all three (default: torch's, all cores)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="the trainer with trainer.channels_last=true, and hand_kept in channels_last too (hand and "
+                        "dataloader stay as users write them)")
     p.add_argument("--backend", choices=("auto", "deepspeed", "accelerate"), default="auto",
                    help="the trainer's --backend (default auto: deepspeed when installed)")
     p.add_argument("--test-limit", type=int, default=500, help="the trainer's end-of-epoch evaluation images (untimed)")
@@ -400,8 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.one == "hand_kept" and not keep_freed_memory():
             print("error: this C library has no mallopt; run without the hand_kept contender", file=sys.stderr)
             return 1
-        run = run_dataloader if args.one == "dataloader" else run_hand
-        print(json.dumps(run(x_all, y_all, args, num_classes, args.round)))
+        if args.one == "dataloader":
+            result = run_dataloader(x_all, y_all, args, num_classes, args.round)
+        else:
+            result = run_hand(x_all, y_all, args, num_classes, args.round, args.one == "hand_kept" and args.channels_last)
+        print(json.dumps(result))
         return 0
     try:
         # decode and cache once, before any contender starts
@@ -411,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     n = args.images = len(y_all)
     mode = "the same process" if args.in_process else "fresh processes"
-    print(f"{args.model}, batch {args.batch}, fp32, {n} images x {args.rounds} rounds, {threads} threads, "
+    layout = ", trainer and hand_kept in channels_last" if args.channels_last else ""
+    print(f"{args.model}, batch {args.batch}, fp32{layout}, {n} images x {args.rounds} rounds, {threads} threads, "
           f"DataLoader num_workers={args.workers}, hand loops in {mode}; {cpu_model()}, torch {torch.__version__}",
           flush=True)
 
@@ -428,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "PASS" if out["pass"][key] else "FAIL"
         print(f"{verdict}: {key} = {out['ratios'][key]:.2f} (target >= {target})")
     print(f"info: trainer/hand_kept = {out['ratios']['trainer/hand_kept']:.2f} (no target: the hand loop with the "
-          "trainer's malloc setting, i.e. the trainer's own overhead)")
+          "trainer's settings, i.e. the trainer's own overhead)")
     busiest = max((c for r in rounds for c in (v["foreign_cores"] for v in r.values()) if c is not None), default=None)
     if busiest is not None and busiest > BUSY_CORES:
         print(f"warning: other processes kept up to {busiest:.2f} cores busy during a measurement; "
@@ -437,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             **out,
             "model": args.model, "batch": args.batch, "images": n, "rounds": args.rounds, "precision": "fp32",
+            "channels_last": args.channels_last,
             "threads": threads, "dataloader_workers": args.workers, "processes": 1,
             "hand_loops_in_fresh_processes": not args.in_process, "warmup": args.warmup,
             "wait_quiet_s": args.wait_quiet,

@@ -11,10 +11,12 @@ from tests.helpers import ROOT, cli_env, run_bounded
 
 
 @pytest.mark.slow
-def test_bench_cpu_reports_three_contenders(data, tmp_path):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bench_cpu_reports_four_contenders(data, tmp_path, channels_last):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--data-dir", str(data), "--images", "160",
            "--rounds", "1", "--test-limit", "20", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
+    cmd += ["--channels-last"] if channels_last else []
     done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -27,6 +29,8 @@ def test_bench_cpu_reports_three_contenders(data, tmp_path):
     assert report["trainer_backend"] in ("deepspeed", "accelerate")
     assert "--deepspeed_config" in report["trainer_command"]
     assert "trainer.data.train_limit=160" in report["trainer_command"]
+    assert report["channels_last"] is channels_last
+    assert f"trainer.channels_last={str(channels_last).lower()}" in report["trainer_command"]
 
     means = {}
     for name in ("trainer", "hand", "hand_kept", "dataloader"):
