@@ -131,8 +131,8 @@ def keep_freed_memory() -> bool:
 
     PyTorch's CPU tensors come straight from malloc. glibc serves blocks of 128 KB and more (a
     batch's activations and gradients) from fresh mmaps or trims them off the heap when freed, so
-    every training step faults the same megabytes in again: 700-2,600 page faults per step for
-    the BN-CNN at batch 32, a quarter or more of the step's time on the 2-core VM of
+    every training step faults the same megabytes in again: 100-3,200 page faults per step for
+    the BN-CNN at batch 32 (most often over 700), a quarter or more of the step's time on the 2-core VM of
     docs/benchmarks.md. Raising both thresholds (what the ``MALLOC_MMAP_THRESHOLD_`` and
     ``MALLOC_TRIM_THRESHOLD_`` environment variables do at start-up) keeps those blocks in the
     process; the cost is up to 1 GB of freed memory that is not returned. Returns whether it was

@@ -281,7 +281,6 @@ class Clock:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
         self.cuda = device.type == "cuda"
 
     def mark(self) -> Any:
