@@ -388,7 +388,8 @@ class AccelerateBackend(Backend):
             raise ConfigError("fp16.enabled=true is not supported on this device (cpu); use bf16.enabled=true or fp32 "
                               "(set fp16.enabled=false), or run on a GPU")
         self.accumulation = ds_config["gradient_accumulation_steps"]
-        self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=self.accumulation)
+        self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=self.accumulation,
+                                       cpu=multi_process_cpu())
         params = groups if groups is not None else [p for p in model.parameters() if p.requires_grad]
         optimizer = build_torch_optimizer(params, ds_config["optimizer"])
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -516,6 +517,11 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
+def multi_process_cpu() -> bool:
+    """Several processes and no GPU: Accelerate's ``cpu=True`` case (a gloo world)."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
 def init_processes(backend: str, timeout_s: float) -> None:
     """Join the process group the launcher set up (a world of one without a launcher)."""
     import datetime
@@ -532,7 +538,15 @@ def init_processes(backend: str, timeout_s: float) -> None:
     else:
         from accelerate import PartialState
 
-        PartialState(timeout=timeout)  # initialises torch.distributed from the launcher's environment
+        # Initialises torch.distributed from the launcher's environment. With no GPU, Accelerate only
+        # forms a multi-process (gloo) world when told it runs on the CPU; otherwise every process
+        # would train on its own, its gradients never averaged. One process stays out of
+        # DistributedDataParallel, which would only add work to a world of one.
+        PartialState(cpu=multi_process_cpu(), timeout=timeout)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    joined = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if joined != world:
+        raise RuntimeError(f"the launcher started {world} processes but {backend} joined a world of {joined}")
 
 
 def build_backend(name: str, model: nn.Module, ds_config: dict[str, Any], warn: Any = print,

@@ -115,3 +115,14 @@ def test_nonfinite_layer_is_the_one_nearest_the_output():
     assert backend.nonfinite_layer() == "fc1"
     backend._param_norms = (["a.weight"], torch.tensor([1.0]))
     assert backend.nonfinite_layer() is None
+
+
+def test_a_launched_world_the_engine_did_not_join_is_a_bug(monkeypatch):
+    """Every process training on its own looks like a working run; it must fail at start instead."""
+    import accelerate
+
+    monkeypatch.setattr(accelerate, "PartialState", lambda **kwargs: None)  # joins nothing
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="the launcher started 2 processes but accelerate joined a world of 1"):
+        engine.init_processes("accelerate", 60)
+
