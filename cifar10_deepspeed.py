@@ -132,6 +132,8 @@ def run(args: argparse.Namespace) -> dict:
                                          engine.group_lrs(groups, cfg.ds["optimizer"].get("params", {})))
     master_weights = backend_name == "deepspeed" and (
         (cfg.precision != "fp32" and not cfg.autocast) or bool(cfg.ds.get("zero_optimization", {}).get("stage")))
+    t.channels_last = engine.resolve_channels_last(t.channels_last, torch.cuda.is_available(), cfg.precision != "fp32",
+                                                   master_weights)
     check_own_weights(master_weights, t.lookahead.enabled, t.channels_last)
 
     # 5. Engine: optimizer, scheduler and precision are built from the resolved config.
@@ -140,9 +142,8 @@ def run(args: argparse.Namespace) -> dict:
             print(message, file=sys.stderr, flush=True)
 
     params = models.count_params(model)  # before the engine: ZeRO-3 partitions the parameters
-    backend = engine.build_backend(backend_name, model, cfg.ds, warn=warn_main, groups=groups)
-    if t.channels_last:  # after the engine: DeepSpeed's start-up broadcast needs contiguous weights
-        backend.module.to(memory_format=torch.channels_last)
+    backend = engine.build_backend(backend_name, model, cfg.ds, warn=warn_main, groups=groups,
+                                   channels_last=t.channels_last)
     if t.compile:
         backend.compile(t.compile if isinstance(t.compile, str) else None)
     device = backend.device
@@ -199,6 +200,7 @@ def run(args: argparse.Namespace) -> dict:
         "train_images": n_train,
         "model_init_time_s": init_time,
         "tta_level": t.tta_level,
+        "channels_last": t.channels_last,
         "cpu_keep_freed_memory": malloc_tuned,
         "test_images": len(data.test_y),
         "device": tracking.device_name(device),

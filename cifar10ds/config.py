@@ -166,9 +166,10 @@ class TrainerConfig(_Section):
     tta_level: Literal[0, 1, 2] = Field(
         0, description="test-time augmentation of the last evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel translations"
     )
-    channels_last: bool = Field(
-        False, description="model and batches in channels_last memory format (faster convs on GPUs; on a 2-core CPU "
-        "the BN-CNN trained 1.26x faster, docs/benchmarks.md)"
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description='model and batches in channels_last memory format; "auto": on a CPU, and on a GPU when the '
+        "forward pass runs in bf16/fp16, unless DeepSpeed keeps master weights (bf16/fp16 optimizers, ZeRO); every "
+        "model here trained 1.1-1.4x faster on a 2-core CPU with it (docs/benchmarks.md)"
     )
     compile: bool | str = Field(
         False, description='torch.compile the model (DeepSpeed: engine.compile()); true = the default backend '

@@ -11,8 +11,9 @@ one process, fp32, SGD lr 0.01 momentum 0.9, gradient clipping 1.0, random crop 
 * hand:       a plain PyTorch loop over pre-batched uint8 tensors, batch augmentation with tensor ops;
 * hand_kept:  the same loop with the trainer's settings: in a process that keeps freed memory the way the
               trainer does on CPU (``cifar10ds.dist.keep_freed_memory``, the trainer's
-              ``trainer.cpu_keep_freed_memory``) and, with ``--channels-last``, in channels_last as the trainer
-              then is: the like-for-like reference for the trainer's own overhead, reported without a target;
+              ``trainer.cpu_keep_freed_memory``) and in the trainer's memory format (channels_last, its default
+              on CPU, unless ``--memory-format contiguous``): the like-for-like reference for the trainer's own
+              overhead, reported without a target;
 * dataloader: the tutorial pipeline: torchvision's ``CIFAR10`` dataset with ``RandomCrop(32, padding=4)``,
               ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` (per image, on PIL images), in a
               ``DataLoader(batch_size, shuffle=True, num_workers=2)`` (the PyTorch tutorial's), rebuilt with
@@ -149,7 +150,7 @@ def run_trainer(args: argparse.Namespace, n: int, threads: int) -> dict:
             "--set", "trainer.checkpoint.every_epochs=null",
             "--set", f"trainer.model={args.model}",
             "--set", f"train_batch_size={args.batch}",
-            "--set", f"trainer.channels_last={str(args.channels_last).lower()}",
+            "--set", f"trainer.channels_last={str(args.memory_format == 'channels_last').lower()}",
         ]
         if args.cache_dir:
             cmd += ["--set", f"trainer.data.cache_dir={args.cache_dir}"]
@@ -164,6 +165,8 @@ def run_trainer(args: argparse.Namespace, n: int, threads: int) -> dict:
         first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
         if summary["train_images"] != n:
             raise RuntimeError(f"the trainer trained on {summary['train_images']} images, expected {n}")
+        if summary["channels_last"] != (args.memory_format == "channels_last"):
+            raise RuntimeError(f"the trainer ran with channels_last={summary['channels_last']}, asked for {args.memory_format}")
         return {"images_per_s": summary["train_images_per_s"], "train_time_s": summary["train_time_s"],
                 "train_loss": first["train_loss"], "command": cmd, "backend": summary["backend"]}
 
@@ -322,8 +325,7 @@ def run_hand_contender(args: argparse.Namespace, name: str, rnd: int, threads: i
            "--in-process", "--one", name, "--round", str(rnd)]
     if args.cache_dir:
         cmd += ["--cache-dir", args.cache_dir]
-    if args.channels_last:
-        cmd.append("--channels-last")
+    cmd += ["--memory-format", args.memory_format]
     done = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {name} contender failed (exit {done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
@@ -379,9 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="bn_cnn")
     p.add_argument("--workers", type=int, default=2, help="DataLoader num_workers (default 2, the PyTorch tutorial's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for all three (default: torch's, all cores)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="the trainer with trainer.channels_last=true, and hand_kept in channels_last too (hand and "
-                        "dataloader stay as users write them)")
+    p.add_argument("--memory-format", choices=("channels_last", "contiguous"), default="channels_last",
+                   help="the trainer's (trainer.channels_last) and hand_kept's; default channels_last, the trainer's "
+                        "default on CPU (hand and dataloader stay contiguous, as users write them)")
     p.add_argument("--backend", choices=("auto", "deepspeed", "accelerate"), default="auto",
                    help="the trainer's --backend (default auto: deepspeed when installed)")
     p.add_argument("--test-limit", type=int, default=500, help="the trainer's end-of-epoch evaluation images (untimed)")
@@ -413,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.one == "dataloader":
             result = run_dataloader(x_all, y_all, args, num_classes, args.round)
         else:
-            result = run_hand(x_all, y_all, args, num_classes, args.round, args.one == "hand_kept" and args.channels_last)
+            channels_last = args.one == "hand_kept" and args.memory_format == "channels_last"
+            result = run_hand(x_all, y_all, args, num_classes, args.round, channels_last)
         print(json.dumps(result))
         return 0
     try:
@@ -424,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     n = args.images = len(y_all)
     mode = "the same process" if args.in_process else "fresh processes"
-    layout = ", trainer and hand_kept in channels_last" if args.channels_last else ""
+    layout = f", trainer and hand_kept {args.memory_format}"
     print(f"{args.model}, batch {args.batch}, fp32{layout}, {n} images x {args.rounds} rounds, {threads} threads, "
           f"DataLoader num_workers={args.workers}, hand loops in {mode}; {cpu_model()}, torch {torch.__version__}",
           flush=True)
@@ -451,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             **out,
             "model": args.model, "batch": args.batch, "images": n, "rounds": args.rounds, "precision": "fp32",
-            "channels_last": args.channels_last,
+            "memory_format": args.memory_format,
             "threads": threads, "dataloader_workers": args.workers, "processes": 1,
             "hand_loops_in_fresh_processes": not args.in_process, "warmup": args.warmup,
             "wait_quiet_s": args.wait_quiet,

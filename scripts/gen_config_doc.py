@@ -54,7 +54,7 @@ def _type_name(annotation: typing.Any) -> str:
         return " \\| ".join(f'`"{a}"`' for a in args)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        return " or ".join(_type_name(a) for a in inner) + " or null"
+        return " or ".join(_type_name(a) for a in inner) + (" or null" if len(inner) < len(args) else "")
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -63,6 +63,8 @@ def _default(value: typing.Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
     return str(value)
 
 

@@ -126,3 +126,18 @@ def test_a_launched_world_the_engine_did_not_join_is_a_bug(monkeypatch):
     with pytest.raises(RuntimeError, match="the launcher started 2 processes but accelerate joined a world of 1"):
         engine.init_processes("accelerate", 60)
 
+
+@pytest.mark.parametrize(
+    "setting, on_gpu, half, master, expected",
+    [
+        ("auto", False, False, False, True),  # CPU, fp32: oneDNN's convolutions prefer it
+        ("auto", True, False, False, False),  # GPU fp32: stays contiguous
+        ("auto", True, True, False, True),  # GPU bf16/fp16 compute (torch_autocast, Accelerate mixed precision)
+        ("auto", True, True, True, False),  # DeepSpeed bf16/fp16 optimizer: master weights would not see it
+        ("auto", False, False, True, False),  # ZeRO on CPU
+        (True, True, False, False, True),  # explicit wins (the master-weights refusal is check_own_weights')
+        (False, False, False, False, False),
+    ],
+)
+def test_channels_last_auto(setting, on_gpu, half, master, expected):
+    assert engine.resolve_channels_last(setting, on_gpu, half, master) is expected

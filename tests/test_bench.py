@@ -11,12 +11,13 @@ from tests.helpers import ROOT, cli_env, run_bounded
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_bench_cpu_reports_four_contenders(data, tmp_path, channels_last):
+@pytest.mark.parametrize("memory_format", [None, "contiguous"])
+def test_bench_cpu_reports_four_contenders(data, tmp_path, memory_format):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--data-dir", str(data), "--images", "160",
            "--rounds", "1", "--test-limit", "20", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
-    cmd += ["--channels-last"] if channels_last else []
+    cmd += ["--memory-format", memory_format] if memory_format else []
+    channels_last = memory_format is None  # the default: the trainer's own on CPU
     done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -29,7 +30,7 @@ def test_bench_cpu_reports_four_contenders(data, tmp_path, channels_last):
     assert report["trainer_backend"] in ("deepspeed", "accelerate")
     assert "--deepspeed_config" in report["trainer_command"]
     assert "trainer.data.train_limit=160" in report["trainer_command"]
-    assert report["channels_last"] is channels_last
+    assert report["memory_format"] == ("channels_last" if channels_last else "contiguous")
     assert f"trainer.channels_last={str(channels_last).lower()}" in report["trainer_command"]
 
     means = {}
@@ -60,3 +61,21 @@ def test_bench_cpu_without_data_fails_with_one_line(tmp_path):
     done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=60)
     assert done.returncode == 2
     assert done.stderr.startswith("data error: ") and done.stderr.count("\n") == 1
+
+
+def test_bench_memory_format_compares_both_formats_per_model(tmp_path):
+    out = tmp_path / "formats.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_memory_format.py"), "--models", "bn_cnn", "simple_cnn",
+           "--steps", "2", "--rounds", "1", "--threads", "1", "--json", str(out)]
+    done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["threads"] == 1 and report["rounds"] == 1
+    assert set(report["models"]) == {"bn_cnn", "simple_cnn"}
+    for name, row in report["models"].items():
+        assert (row["batch"], row["steps"]) == (32, 2)
+        for key in ("train", "eval"):
+            speeds = row[f"{key}_images_per_s"]
+            assert speeds["contiguous"] > 0 and speeds["channels_last"] > 0
+            assert row[f"{key}_ratio"] == pytest.approx(speeds["channels_last"] / speeds["contiguous"])
+        assert f"{name:12s} batch   32" in done.stdout
