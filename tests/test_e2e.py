@@ -66,6 +66,7 @@ def test_one_process_run_writes_its_outputs(tmp_path, data, config):
     assert summary["train_images_per_s"] == pytest.approx(600 / summary["train_time_s"])
     assert summary["device"].startswith("cpu") and summary["versions"]["deepspeed"]
     assert summary["cpu_keep_freed_memory"] is sys.platform.startswith("linux")  # glibc's mallopt, on by default
+    assert summary["channels_last"] is True and resolved["trainer"]["channels_last"] is True  # "auto" on a CPU
     assert "git_commit" in summary and summary["total_time_s"] >= summary["train_time_s"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 0 and manifest["world_size"] == 1 and manifest["device_count"] == 1
@@ -104,6 +105,7 @@ def test_bf16_and_fractional_epochs(tmp_path, data, config):
     assert "Epoch" not in r.stdout  # --quiet
     summary, metrics, steps, _ = read_run(out)
     assert summary["precision"] == "bf16"
+    assert summary["channels_last"] is False  # "auto": DeepSpeed's bf16 optimizer keeps master weights
     assert summary["epochs_run"] == 1.5 and [m["step"] for m in metrics] == [10, 15]
     assert metrics[1]["epoch_fraction"] == 0.5
     assert all(s["loss"] == s["loss"] and s["grad_norm"] > 0 for s in steps)  # finite
