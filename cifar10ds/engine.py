@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cifar10ds.dist import env_info
 from cifar10ds.errors import ConfigError
 
 
@@ -531,7 +532,7 @@ def choose_backend(requested: str) -> str:
 
 def multi_process_cpu() -> bool:
     """Several processes and no GPU: Accelerate's ``cpu=True`` case (a gloo world)."""
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    return not torch.cuda.is_available() and env_info().world_size > 1
 
 
 def init_processes(backend: str, timeout_s: float) -> None:
@@ -555,7 +556,7 @@ def init_processes(backend: str, timeout_s: float) -> None:
         # would train on its own, its gradients never averaged. One process stays out of
         # DistributedDataParallel, which would only add work to a world of one.
         PartialState(cpu=multi_process_cpu(), timeout=timeout)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = env_info().world_size
     joined = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if joined != world:
         raise RuntimeError(f"the launcher started {world} processes but {backend} joined a world of {joined}")
