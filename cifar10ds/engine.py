@@ -26,9 +26,12 @@ class LossScaleFloor(Exception):
     """DeepSpeed's fp16 loss scaler reached its minimum ("Current loss scale already at minimum")."""
 
 
-def _total_norm(named: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, tuple[list[str], torch.Tensor]]:
+def _total_norm(named: list[tuple[str, torch.Tensor]], device: torch.device
+                ) -> tuple[torch.Tensor, tuple[list[str], torch.Tensor]]:
     """The global 2-norm of the gradients and each one's own norm (device tensors, no host sync)."""
-    norms = torch.stack([n.float() for n in torch._foreach_norm([g for _, g in named])]) if named else torch.zeros(0)
+    if not named:  # no gradient at all (every parameter frozen): a zero norm where the loss is
+        return torch.zeros((), device=device), ([], torch.zeros(0, device=device))
+    norms = torch.stack([n.float() for n in torch._foreach_norm([g for _, g in named])])
     return torch.linalg.vector_norm(norms), ([n for n, _ in named], norms)
 
 
@@ -203,6 +206,10 @@ class DeepSpeedBackend(Backend):
         # The trainer logs to wandb itself (rank 0, failures never fatal); DeepSpeed's monitor on the
         # same block would open a second run and can stop training when wandb fails.
         ds_config = {k: v for k, v in ds_config.items() if k != "wandb"}
+        # DeepSpeed's throughput timer synchronises the GPU at every forward and every step by default,
+        # which stops the host from queueing work ahead; the trainer measures throughput itself, so the
+        # timer stays off unless the config asks for it ("timers": {"throughput": {...}}).
+        ds_config.setdefault("timers", {"throughput": {"enabled": False}})
         check_deepspeed_optimizer(ds_config["optimizer"])
         from pydantic import ValidationError
 
@@ -225,6 +232,9 @@ class DeepSpeedBackend(Backend):
         # unscale/clip; a plain fp32 torch optimizer does not, so we take it from the grads,
         # which DeepSpeed has already averaged across ranks when backward() returns.
         self._engine_tracks_norm = bool(engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization())
+        # torch_autocast in fp16 without ZeRO: DeepSpeed scales the loss with torch's GradScaler and unscales the
+        # gradients only inside step(); what backward() leaves are the scaled ones.
+        self._grad_scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
         self._pending: torch.Tensor | None = None
         self._param_norms: tuple[list[str], torch.Tensor] | None = None
         self.lr_scale = 1.0
@@ -246,7 +256,9 @@ class DeepSpeedBackend(Backend):
             return None
         if self._pending is None:
             named = [(n, p.grad) for n, p in self.module.named_parameters() if p.grad is not None]
-            self._pending, self._param_norms = _total_norm(named)
+            self._pending, self._param_norms = _total_norm(named, self.device)
+            if self._grad_scaler is not None:  # an overflow stays inf: the scaler skips that step itself
+                self._pending = self._pending / self._grad_scaler.get_scale()
         return self._pending
 
     def step(self, skip: bool = False) -> tuple[torch.Tensor | float | None, bool]:
@@ -290,6 +302,8 @@ class DeepSpeedBackend(Backend):
         return self.engine.optimizer.param_groups
 
     def loss_scale(self) -> float | None:
+        if self._grad_scaler is not None:
+            return float(self._grad_scaler.get_scale())
         scale = getattr(self.engine.optimizer, "cur_scale", None) if self.engine.fp16_enabled() else None
         return None if scale is None else float(scale)
 
@@ -321,7 +335,7 @@ class DeepSpeedBackend(Backend):
 _ACCELERATE_HONOURS = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
     "scheduler", "gradient_clipping", "fp16", "bf16", "zero_optimization", "wandb", "steps_per_print",
-    "wall_clock_breakdown", "torch_autocast",
+    "wall_clock_breakdown", "torch_autocast", "timers",
 }
 _DEEPSPEED_ONLY_OPTIMIZERS = {"lamb", "onebitadam", "zerooneadam", "onebitlamb", "muon", "lion", "adagrad_cpu"}
 
@@ -444,7 +458,7 @@ class AccelerateBackend(Backend):
             if self.accelerator.scaler is not None:
                 self.accelerator.unscale_gradients()  # once per step; the scaler remembers it did
             params = [(n, p) for n, p in self.module.named_parameters() if p.grad is not None]
-            norm, self._param_norms = _total_norm([(n, p.grad) for n, p in params])
+            norm, self._param_norms = _total_norm([(n, p.grad) for n, p in params], self.device)
             if self.clip > 0:  # what clip_grad_norm_ does, with the norm already in hand (it takes parameters)
                 torch.nn.utils.clip_grads_with_norm_([p for _, p in params], self.clip, norm)
             self._pending = norm.detach()

@@ -141,3 +141,30 @@ def test_a_launched_world_the_engine_did_not_join_is_a_bug(monkeypatch):
 )
 def test_channels_last_auto(setting, on_gpu, half, master, expected):
     assert engine.resolve_channels_last(setting, on_gpu, half, master) is expected
+
+
+TIMER_PROBE = """
+import json, sys, torch
+from cifar10ds import engine
+engine.init_processes("deepspeed", 60)
+model = torch.nn.Linear(4, 2)
+cfg = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+       "optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "gradient_clipping": 0.0, **json.loads(sys.argv[1])}
+backend = engine.DeepSpeedBackend(model, cfg)
+print(json.dumps(backend.engine.tput_timer.config.enabled))
+"""
+
+
+@pytest.mark.parametrize("extra, enabled", [({}, False), ({"timers": {"throughput": {"enabled": True}}}, True)])
+def test_deepspeed_throughput_timer_is_off_unless_asked_for(tmp_path, extra, enabled):
+    """DeepSpeed's throughput timer synchronises a GPU twice per step; the trainer keeps it off by default."""
+    import json
+    import sys
+
+    from tests.helpers import ROOT, cli_env, free_port, run_bounded
+
+    env = {**cli_env(tmp_path), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    done = run_bounded([sys.executable, "-c", TIMER_PROBE, json.dumps(extra)], ROOT, env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) is enabled
