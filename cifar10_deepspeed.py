@@ -25,6 +25,7 @@ User mistakes (config, data, paths) stop every rank before any work with one lin
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
     from cifar10ds import config as config_mod
     from cifar10ds import data as data_mod
     from cifar10ds.averaging import check_own_weights
-    from cifar10ds.batches import batches_per_epoch, last_batch_size, normalize
+    from cifar10ds.batches import batches_per_epoch, init_sample, last_batch_size, normalize
     from cifar10ds.loop import DeviceData, train
 
     started = time.perf_counter()
@@ -91,6 +92,9 @@ def run(args: argparse.Namespace) -> dict:
     info = dist.env_info()
     if torch.cuda.is_available():  # before the first collective: NCCL needs each rank on its own GPU
         torch.cuda.set_device(info.local_rank)
+        # Every step has the same shapes: let cuDNN time its kernels once and keep the fastest (airbench does
+        # the same; it also sets this for the whole process when imported, e.g. by bench.py --vs-airbench).
+        torch.backends.cudnn.benchmark = True
     engine.init_processes(backend_name, t.dist_timeout_s)
     cfg.ds = config_mod.resolve_batch_sizes(cfg.ds, info.world_size)
 
@@ -116,7 +120,12 @@ def run(args: argparse.Namespace) -> dict:
     micro = cfg.ds["train_micro_batch_size_per_gpu"]
     torch.manual_seed(t.seed)
     model = models.create_model(t.model, num_classes=ds.num_classes)
-    if models.has_batchnorm(model) and last_batch_size(n_train, info.world_size, micro) == 1:
+    if batches_per_epoch(n_train, info.world_size, micro, t.data.drop_last) == 0:
+        raise config_mod.ConfigError(
+            f"trainer.data.drop_last=true leaves no training batch: each rank holds {math.ceil(n_train / info.world_size)} "
+            f"images per epoch, fewer than one micro batch of {micro}; set trainer.data.drop_last=false or use more images"
+        )
+    if models.has_batchnorm(model) and last_batch_size(n_train, info.world_size, micro, t.data.drop_last) == 1:
         raise config_mod.ConfigError(
             f"each rank's last training batch would hold 1 image ({n_train} images, world size {info.world_size}, "
             f"micro batch {micro}) and BatchNorm cannot train on one; change trainer.data.train_limit or the batch size"
@@ -124,11 +133,14 @@ def run(args: argparse.Namespace) -> dict:
     init_time = None
     if hasattr(model, "init_from_data"):  # e.g. airbench94's whitening filters, from this run's training images
         init_start = time.perf_counter()
-        first = ds.train_x[train_idx[:5000]] if train_idx is not None else ds.train_x[:5000]
-        model.init_from_data(normalize(first))
+        sample = init_sample(n_train if train_idx is None else train_idx, t.data.subset_seed)
+        # Computed where training runs (on a GPU: milliseconds; 0.5-1 s on a CPU), as airbench does; the
+        # filters are copied back into the model on the host, which waits for the device.
+        where = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        model.init_from_data(normalize(ds.train_x[sample].to(where)))
         init_time = time.perf_counter() - init_start
     groups = engine.param_groups(model, t.param_groups, cfg.ds["optimizer"].get("params", {}))
-    cfg.ds = config_mod.resolve_schedule(cfg.ds, t, batches_per_epoch(n_train, info.world_size, micro),
+    cfg.ds = config_mod.resolve_schedule(cfg.ds, t, batches_per_epoch(n_train, info.world_size, micro, t.data.drop_last),
                                          engine.group_lrs(groups, cfg.ds["optimizer"].get("params", {})))
     master_weights = backend_name == "deepspeed" and (
         (cfg.precision != "fp32" and not cfg.autocast) or bool(cfg.ds.get("zero_optimization", {}).get("stage")))

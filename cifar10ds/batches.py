@@ -25,6 +25,15 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x.float() - mean) / std
 
 
+def init_sample(pool: int | torch.Tensor, seed: int, size: int = 5000) -> torch.Tensor:
+    """``size`` training indices for a data-dependent initialisation (airbench94's whitening), drawn at
+    random from ``pool`` (a count, or the indices of a subset) with ``seed``. airbench takes the first 5,000
+    images of the official files, whose order is random; image folders and archives come sorted by class."""
+    n = pool if isinstance(pool, int) else len(pool)
+    picked = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+    return picked if isinstance(pool, int) else pool[picked]
+
+
 def shard_indices(n: int, world_size: int, rank: int, epoch: int, seed: int, shuffle: bool = True) -> torch.Tensor:
     """This rank's sample indices for ``epoch`` (DistributedSampler semantics, drop_last=False)."""
     if shuffle:
@@ -41,12 +50,16 @@ def shard_indices(n: int, world_size: int, rank: int, epoch: int, seed: int, shu
     return order[rank::world_size]
 
 
-def batches_per_epoch(n: int, world_size: int, micro_batch: int) -> int:
-    """Micro batches each rank runs per epoch (the last one may be smaller)."""
-    return math.ceil(math.ceil(n / world_size) / micro_batch)
+def batches_per_epoch(n: int, world_size: int, micro_batch: int, drop_last: bool = False) -> int:
+    """Micro batches each rank runs per epoch: the last one may be smaller, or is dropped with ``drop_last``
+    (its images wait for another epoch's shuffle; 0 when a rank holds fewer images than one batch)."""
+    per_rank = math.ceil(n / world_size)
+    return per_rank // micro_batch if drop_last else math.ceil(per_rank / micro_batch)
 
 
-def last_batch_size(n: int, world_size: int, micro_batch: int) -> int:
+def last_batch_size(n: int, world_size: int, micro_batch: int, drop_last: bool = False) -> int:
+    if drop_last:
+        return micro_batch
     per_rank = math.ceil(n / world_size)
     return per_rank - (batches_per_epoch(n, world_size, micro_batch) - 1) * micro_batch
 

@@ -73,6 +73,10 @@ class DataConfig(_Section):
     test_limit: int | None = Field(None, ge=1, description="evaluate on a seeded class-balanced subset of this size")
     subset_seed: int = Field(0, description="seed of the class-balanced subsets (fixed across training seeds)")
     eval_batch_size: int = Field(1000, ge=1, description="images per evaluation batch and rank")
+    drop_last: bool = Field(
+        False, description="train on full batches only: each rank's last, smaller batch of an epoch is left out "
+        "(as airbench does; its images come back in other epochs' shuffles)"
+    )
 
 
 class EarlyStoppingConfig(_Section):

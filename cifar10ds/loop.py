@@ -34,7 +34,7 @@ from cifar10ds.config import Config, optimizer_steps, total_micro_steps
 from cifar10ds.dist import DistInfo, all_reduce_sum, broadcast_object
 from cifar10ds.engine import Backend, LossScaleFloor
 from cifar10ds.errors import ConfigError
-from cifar10ds.stability import CONTINUE, ROLLBACK, STOP, Context, Monitor, format_diagnosis
+from cifar10ds.stability import CONTINUE, GUIDE, ROLLBACK, STOP, Context, Monitor, format_diagnosis
 from cifar10ds.tracking import Reporter
 
 
@@ -349,7 +349,7 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
     micro = cfg.ds["train_micro_batch_size_per_gpu"]
     accumulation = cfg.ds["gradient_accumulation_steps"]
     n_train = len(data.train_y)
-    per_epoch = batches_per_epoch(n_train, info.world_size, micro)
+    per_epoch = batches_per_epoch(n_train, info.world_size, micro, t.data.drop_last)
     total_micro = total_micro_steps(per_epoch, t.epochs)
     n_epochs = math.ceil(total_micro / per_epoch)
     aug_cfg = t.data.augmentation
@@ -437,6 +437,8 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
             doctor = CONTINUE
             first_step = progress.step - progress.step_in_epoch + 1
             backend.train(True)
+            if lookahead is not None:
+                lookahead.start_epoch()  # back from the average the last epoch ended on to the training weights
             on_epoch_start = getattr(backend.module, "on_epoch_start", None)
             if on_epoch_start is not None:
                 on_epoch_start(epoch)
@@ -510,17 +512,27 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                              f"checkpoint {ckpt_dir / tag}; resume with --resume auto --output-dir {reporter.out_dir}")
                 stop_reason = "signal"
                 break
-            if lookahead is not None:
-                lookahead.end_epoch()  # the model takes the average: it is what is evaluated and saved
             seconds = clock.since(t0)
             acc.time += seconds
             progress.train_time += seconds
+            if lookahead is not None:
+                lookahead.end_epoch()  # the model holds the average: it is what is evaluated and saved
             tta = t.tta_level if epoch + 1 == n_epochs else 0
             m = _finish_epoch(backend, data, cfg, info, augment, acc, progress, epoch, steps, per_epoch, first_step,
                               acc.time, elapsed, tta)
             reporter.epoch(m, n_epochs, m.pop("_steps"))
             progress.history.append(m)
             progress.epoch, progress.step_in_epoch, progress.partial = epoch + 1, 0, None
+            if monitor is None and not math.isfinite(m["train_loss"]):
+                # The per-step checks are off (no host read per step); the epoch's loss, already on the
+                # host, still tells: stop instead of training on (and reporting) non-finite weights.
+                stop_reason = "nonfinite"
+                if info.is_main:
+                    print(f"stability: the training loss of epoch {epoch + 1} is not finite; with the per-step checks "
+                          "off (trainer.stability.enabled=false) no step was skipped, so the run stops here. Turn "
+                          f"them on to skip or roll back such steps and to learn where it started ({GUIDE})",
+                          file=sys.stderr, flush=True)
+                break
             # Metrics are identical on every rank after the all-reduce, but the clock is not:
             # rank 0 decides and every rank follows.
             stop, reason = broadcast_object(stopper.update(m, m["elapsed_s"]))

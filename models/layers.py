@@ -10,13 +10,17 @@ import torch.nn.functional as F
 class BatchNorm2d(nn.BatchNorm2d):
     """BatchNorm that always normalizes in fp32, whatever the dtype of its input and weights.
 
-    Under DeepSpeed bf16/fp16 the engine casts parameters to half precision but keeps buffers
-    (running statistics) in fp32; stock BatchNorm then fails on CPU ("expected scalar type
-    BFloat16 but found Float") and loses precision on GPU. Computing in fp32 and casting the
-    output back is what the fast CIFAR trainers do. In fp32 training every cast is a no-op.
+    With fp32 parameters (fp32 training, ``torch_autocast``, Accelerate's mixed precision) torch's own
+    kernels already take a bf16/fp16 input and normalize it in fp32, on CPU and GPU alike, without a
+    copy: that is stock BatchNorm. Under DeepSpeed bf16/fp16 the engine casts the parameters to half
+    precision but keeps the buffers (running statistics) in fp32; stock BatchNorm then fails on CPU
+    ("expected scalar type BFloat16 but found Float"), so the input and parameters are cast to fp32 and
+    the output back, as the fast CIFAR trainers keep BatchNorm in fp32.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.weight.dtype == torch.float32:
+            return super().forward(x)
         use_batch_stats = self.training or not self.track_running_stats
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)

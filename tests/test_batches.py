@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from cifar10ds.batches import MEAN, STD, Augment, batches_per_epoch, eval_shard, last_batch_size, shard_indices
+from cifar10ds.batches import (
+    MEAN,
+    STD,
+    Augment,
+    batches_per_epoch,
+    eval_shard,
+    init_sample,
+    last_batch_size,
+    shard_indices,
+)
 
 
 @pytest.mark.parametrize("n, world", [(100, 2), (101, 2), (7, 3), (10, 1)])
@@ -32,10 +41,14 @@ def test_shards_reshuffle_between_epochs_and_follow_the_seed():
     assert not torch.equal(shard_indices(100, 1, 0, 1, seed=1), shard_indices(100, 1, 0, 0, seed=2))
 
 
-@pytest.mark.parametrize("n, world, micro, batches, last", [(100, 2, 32, 2, 18), (101, 2, 10, 6, 1), (64, 1, 32, 2, 32)])
-def test_batch_counts(n, world, micro, batches, last):
+@pytest.mark.parametrize("n, world, micro, batches, last, kept", [(100, 2, 32, 2, 18, 1), (101, 2, 10, 6, 1, 5),
+                                                                (64, 1, 32, 2, 32, 2), (20, 2, 16, 1, 10, 0)])
+def test_batch_counts(n, world, micro, batches, last, kept):
     assert batches_per_epoch(n, world, micro) == batches
     assert last_batch_size(n, world, micro) == last
+    # drop_last: full batches only (none when a rank holds fewer images than a batch)
+    assert batches_per_epoch(n, world, micro, drop_last=True) == kept
+    assert last_batch_size(n, world, micro, drop_last=True) == micro
 
 
 @pytest.mark.parametrize("n, world", [(71, 2), (10, 3), (5, 8), (1000, 2)])
@@ -107,3 +120,17 @@ def test_cutout_zeroes_a_square_of_at_most_the_given_side():
     for z in zeros:
         rows, cols = z.any(1).nonzero(), z.any(0).nonzero()
         assert int(rows.max() - rows.min()) < 8 and int(cols.max() - cols.min()) < 8
+
+
+def test_init_sample_draws_from_every_class_of_class_sorted_data():
+    """Archives and folders decode sorted by class: the whitening sample must not be the first 5,000 images."""
+    labels = torch.arange(10).repeat_interleave(5000)  # 50,000 images, class by class
+    idx = init_sample(len(labels), seed=0)
+    assert len(idx) == 5000 and len(set(idx.tolist())) == 5000
+    counts = torch.bincount(labels[idx], minlength=10)
+    assert counts.min() > 400 and counts.max() < 600  # about 500 of each class, not 5,000 airplanes
+    assert torch.equal(idx, init_sample(len(labels), seed=0))  # fixed by the seed
+    assert not torch.equal(idx, init_sample(len(labels), seed=1))
+    subset = torch.arange(100, 300)  # a train_limit subset: indices drawn from it, all of it when smaller
+    picked = init_sample(subset, seed=0)
+    assert sorted(picked.tolist()) == subset.tolist()

@@ -111,6 +111,26 @@ def test_bf16_and_fractional_epochs(tmp_path, data, config):
     assert all(s["loss"] == s["loss"] and s["grad_norm"] > 0 for s in steps)  # finite
 
 
+def test_torch_autocast_fp16_reports_unscaled_gradient_norms(tmp_path, data, config):
+    """DeepSpeed's torch_autocast in fp16 scales the loss with torch's GradScaler: the doctor must see the
+    gradients' true norm (about the bf16 run's), not one 65,536 times larger."""
+    norms, scales = {}, {}
+    for dtype in ("bfloat16", "float16"):
+        out = tmp_path / dtype
+        r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out), "--quiet",
+                     "--set", "trainer.model=simple_cnn", "--set", "trainer.epochs=1", "--set", "gradient_clipping=0",
+                     "--set", "torch_autocast.enabled=true", "--set", f"torch_autocast.dtype={dtype}"], tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        summary, _, steps, _ = read_run(out)
+        assert summary["precision"] == {"bfloat16": "bf16", "float16": "fp16"}[dtype]
+        norms[dtype] = [s["grad_norm"] for s in steps]
+        scales[dtype] = [s.get("loss_scale") for s in steps]
+        assert "gradient norm" not in r.stderr  # no false "exploding gradients" warning
+    assert norms["float16"][0] == pytest.approx(norms["bfloat16"][0], rel=0.05)
+    assert all(0 < n < 100 for n in norms["float16"])
+    assert scales["float16"][0] == 65536.0 and scales["bfloat16"][0] is None  # the scaler's scale, reported
+
+
 def test_early_stopping_at_target(tmp_path, data, config):
     out = tmp_path / "out"
     r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out),
@@ -146,6 +166,9 @@ def assert_user_error(r, message, ranks=1):
         (["--set", "trainer.modle=bn_cnn"], "trainer.modle: unknown key; allowed keys: model, epochs"),
         (["--set", "fp16.enabled=true"], "fp16.enabled=true is not supported on this device (cpu); use bf16.enabled=true or fp32"),
         (["--set", "train_batch_size=7", "--set", "trainer.data.train_limit=22"], "BatchNorm cannot train on one"),
+        (["--set", "train_batch_size=30", "--set", "trainer.data.train_limit=20", "--set", "trainer.data.drop_last=true"],
+         "trainer.data.drop_last=true leaves no training batch: each rank holds 20 images per epoch, fewer than one "
+         "micro batch of 30"),
         (["--data-dir", "/nonexistent/cifar"], "data error: no CIFAR-10 data in /nonexistent/cifar and trainer.data.download is false; pass --data-dir PATH"),
         (["--output-dir", "/proc/forbidden"], "output dir /proc/forbidden is not writable"),
         (["--set", "trainer.checkpoint.dir=/proc/ckpts"], "output dir /proc/ckpts is not writable"),
@@ -162,6 +185,18 @@ def test_user_errors_exit_2_with_one_line(tmp_path, data, config, args, message)
     base = ["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(tmp_path / "out")]
     r = run_cli(base + args, tmp_path)
     assert_user_error(r, message)
+
+
+def test_drop_last_trains_on_full_batches_only(tmp_path, data, config):
+    """22 images in batches of 7: three full batches per epoch; the batch of one that BatchNorm refuses is gone."""
+    out = tmp_path / "out"
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out), "--quiet",
+                 "--set", "train_batch_size=7", "--set", "trainer.data.train_limit=22", "--set", "trainer.epochs=2",
+                 "--set", "trainer.data.drop_last=true"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary, metrics, _, _ = read_run(out)
+    assert summary["steps"] == 6 and [m["step"] for m in metrics] == [3, 6]
+    assert summary["train_images_per_s"] * summary["train_time_s"] == pytest.approx(2 * 21)  # 21 images an epoch
 
 
 def test_user_error_on_every_rank(tmp_path, data, config):

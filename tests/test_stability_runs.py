@@ -96,3 +96,16 @@ def test_rollback_reloads_and_lowers_the_lr(tmp_path, config, data):
     assert all(b[s]["lr"] == a[s]["lr"] for s in range(1, 11))
     assert all(b[s]["lr"] == pytest.approx(0.5 * a[s]["lr"], rel=1e-12) for s in range(11, 21))
     assert [m["epoch"] for m in metrics(rolled)] == [1, 2]
+
+
+def test_without_the_per_step_checks_a_nonfinite_epoch_still_stops_the_run(tmp_path, config, data):
+    """trainer.stability.enabled=false (the speed preset's setting): nothing is skipped, but the epoch's loss
+    gives the NaN away and the run stops with the doctor's exit code instead of training on."""
+    out = tmp_path / "out"
+    r = launch(tmp_path, config, data, out, "--set", "trainer.stability.enabled=false", fault="nan@3")
+    assert r.returncode == 3, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "nonfinite" and summary["stability"] is None
+    assert summary["epochs_run"] == 1 and summary["steps"] == len(steps(out))  # stopped after the first epoch
+    assert "stability: the training loss of epoch 1 is not finite" in r.stderr
+    assert r.stderr.count("stability: the training loss") == 1
