@@ -14,7 +14,9 @@ and end of each epoch; data loading, the per-epoch evaluations and a compiling f
 
 ``--vs-airbench`` runs ``airbench.train94`` from the airbench package (pip install airbench; it needs
 torchvision and a GPU) on the very same tensors: the trainer's decoded images, written in airbench's own
-``cifar10/train.pt`` and ``test.pt`` format into a scratch folder it reads from, loaded once. Its time and
+``cifar10/train.pt`` and ``test.pt`` format into a scratch folder it reads from, loaded once (the training
+images in a fixed random order: airbench computes its whitening from the first 5,000, and a decoded archive
+or image folder is sorted by class; the trainer draws its 5,000 at random too). Its time and
 accuracy are the ones it prints itself (CUDA events around its whitening, its epochs and its TTA evaluation:
 ``total_time_seconds``, ``tta_val_acc``), at the preset's TTA level. Runs alternate (ours, airbench, ours,
 ...) so that drifts of the machine hit both alike. The report: mean accuracy and time with 95% CIs for
@@ -31,10 +33,12 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+AIRBENCH_BATCH = 1024  # airbench94's
 sys.path.insert(0, str(ROOT))
 
 import cifar10_deepspeed  # noqa: E402
@@ -65,6 +69,11 @@ class Airbench:
 
         from cifar10ds.data import balanced_subset, load_cifar10
 
+        try:
+            import airbench
+        except Exception as e:  # not installed, or its torchvision does not match this torch
+            raise UserError(f"--vs-airbench needs the airbench package, which failed to import "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): pip install airbench") from None
         cfg = trainer.data
         data = load_cifar10(args.data_dir or cfg.dir, download=cfg.download, cache_dir=cfg.cache_dir)
         classes = [f"class{i}" for i in range(data.num_classes)]
@@ -74,26 +83,41 @@ class Airbench:
             idx = balanced_subset(y, limit, cfg.subset_seed)
             if idx is not None:
                 x, y = x[idx], y[idx]
+            if name == "train" and len(y) < AIRBENCH_BATCH:
+                raise UserError(f"--vs-airbench: {len(y)} training images are fewer than airbench94's one batch of "
+                                f"{AIRBENCH_BATCH} (it drops the last, partial batch): use more images")
+            if name == "train":  # airbench whitens with its first 5,000 images: random in the official files,
+                order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # one class in a sorted archive
+                x, y = x[order], y[order]
             # airbench's format: uint8 NHWC images, int64 labels
             torch.save({"images": x.permute(0, 2, 3, 1).contiguous(), "labels": y, "classes": classes},
                        folder / "cifar10" / f"{name}.pt")
-        os.chdir(folder)  # airbench reads ./cifar10/*.pt, already when it is imported
-        try:
-            import airbench
-        except ImportError as e:
-            raise UserError(f"--vs-airbench needs the airbench package ({e}): pip install airbench") from None
         self.airbench = airbench
         self.torch = torch
+        self.folder = folder
         self.tta_level = trainer.tta_level
+        self.epochs = trainer.epochs  # the preset's 9.9 = airbench94's; a --set of trainer.epochs reaches both
         # airbench94's own loader settings (batch 1024, flip + translate 2, alternating flip), built once
-        self.train_loader = airbench.CifarLoader("cifar10", train=True, batch_size=1024,
-                                                 aug={"flip": True, "translate": 2}, altflip=True)
+        with self._in_folder():
+            self.train_loader = airbench.CifarLoader("cifar10", train=True, batch_size=AIRBENCH_BATCH,
+                                                     aug={"flip": True, "translate": 2}, altflip=True)
+
+    @contextlib.contextmanager
+    def _in_folder(self) -> Iterator[None]:
+        """airbench reads ./cifar10/train.pt (its loader) and ./cifar10/test.pt (each train94 call)."""
+        here = Path.cwd()
+        os.chdir(self.folder)
+        try:
+            yield
+        finally:
+            os.chdir(here)
 
     def run(self, seed: int) -> dict:
         self.torch.manual_seed(seed)
         printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            self.airbench.train94(train_loader=self.train_loader, tta_level=self.tta_level, run=0, verbose=True)  # run 0 prints the header
+        with self._in_folder(), contextlib.redirect_stdout(printed):
+            self.airbench.train94(train_loader=self.train_loader, epochs=self.epochs, tta_level=self.tta_level,
+                                  run=0, verbose=True)  # run 0 prints the header
         final = parse_airbench_table(printed.getvalue())
         return {"seed": seed, "acc": final["tta_val_acc"], "time_s": final["total_time_seconds"]}
 
@@ -101,8 +125,11 @@ class Airbench:
 def parse_airbench_table(text: str) -> dict[str, float]:
     """The final row (epoch "eval") of the table airbench prints: its TTA accuracy and its total time."""
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
-    header = next(r for r in rows if "total_time_seconds" in r)
-    final = next(r for r in reversed(rows) if len(r) == len(header) and r[header.index("epoch")] == "eval")
+    header = next((r for r in rows if "total_time_seconds" in r), None)
+    final = header and next((r for r in reversed(rows) if len(r) == len(header) and r[header.index("epoch")] == "eval"),
+                            None)
+    if not final:
+        raise RuntimeError("airbench printed no final (eval) row; the end of its output:\n" + text[-2000:])
     return {k: float(final[header.index(k)]) for k in ("tta_val_acc", "total_time_seconds")}
 
 
@@ -160,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
         print_line(f"{e.kind}: {e}")
         return EXIT_USER_ERROR
     finally:
-        os.chdir(ROOT)
         shutil.rmtree(scratch, ignore_errors=True)  # the runs' folders (results are in the report), the data copy
     print()
     report = {"config": args.config, "overrides": args.overrides, "backend": args.backend, "tta_level": tta,

@@ -81,6 +81,22 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, config, data, ran
     assert_same_run(straight, out, steps=80 if extra else 40)
 
 
+def test_lookahead_resumes_from_an_epoch_end_checkpoint_exactly(tmp_path, config, data):
+    """An epoch ends between two Lookahead blends: its checkpoint holds the average (what was evaluated) and
+    the weights training goes on from; a run killed in the next epoch and resumed equals an uninterrupted one."""
+    la = ["--set", "trainer.lookahead.enabled=true", "--set", "trainer.lookahead.start_epoch=1",
+          "--set", "trainer.lookahead.every_steps=3"]  # 10 steps an epoch: blends at 12, 15, 18, 21, ...
+    straight = tmp_path / "straight"
+    assert launch(tmp_path, config, data, straight, *la).returncode == 0
+    out = tmp_path / "interrupted"
+    r = launch(tmp_path, config, data, out, *la, fault="sigkill@25")
+    assert r.returncode == -signal.SIGKILL
+    r = launch(tmp_path, config, data, out, "--resume", "auto", *la)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step00000020")
+    assert_same_run(straight, out)
+
+
 def test_external_sigterm_saves_and_exits_143(tmp_path, config, data):
     """SIGTERM from outside, as a scheduler sends it, mid-run."""
     cfg = json.loads(config.read_text())

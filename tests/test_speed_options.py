@@ -126,6 +126,29 @@ def test_lookahead_blends_towards_the_weights_and_ends_on_the_average():
     assert float(restored.avg[0]) == pytest.approx(27.0)
 
 
+def test_lookahead_evaluates_the_average_but_trains_on_from_its_own_weights():
+    """Between two blends the weights move on; an epoch's end shows the average without throwing them away
+    (airbench94 trains through its epochs untouched), and a checkpoint taken then carries them."""
+    lin = nn.Linear(1, 1, bias=False)
+    cfg = LookaheadConfig(enabled=True, every_steps=5, decay=0.5, power=1.0, start_epoch=0.0)
+    la = Lookahead(cfg, lin, total_steps=20, steps_per_epoch=7)
+    with torch.no_grad():
+        for step in range(1, 8):  # epoch 1: steps 1-7, the average taken at step 5
+            lin.weight.fill_(float(step))
+            la.after_step(step)
+    assert float(la.avg[0]) == 5.0 and float(lin.weight) == 7.0  # steps 6 and 7 moved on from the average
+    la.end_epoch()
+    assert float(lin.weight) == 5.0  # evaluated and saved: the average
+    saved = la.state_dict()
+    la.start_epoch()
+    assert float(lin.weight) == 7.0 and la.fast is None  # epoch 2 trains on from step 7's weights
+    la.end_epoch()
+    resumed = Lookahead(cfg, lin, total_steps=20, steps_per_epoch=7)  # a resume from the epoch-end checkpoint
+    resumed.load_state_dict(saved)
+    resumed.start_epoch()
+    assert float(lin.weight) == 7.0 and float(resumed.avg[0]) == 5.0
+
+
 def test_lookahead_and_channels_last_refuse_deepspeed_master_weights():
     check_own_weights(False, True, True)
     with pytest.raises(ConfigError, match="trainer.lookahead.enabled=true needs .*torch_autocast"):
@@ -139,7 +162,7 @@ def test_lookahead_and_channels_last_refuse_deepspeed_master_weights():
 def test_speedrun_preset_runs_end_to_end_on_cpu(tmp_path, data, backend):
     out = tmp_path / "out"
     r = run_cli(["--deepspeed_config", str(ROOT / "configs" / "speedrun94.json"), "--data-dir", str(data),
-                 "--output-dir", str(out), "--backend", backend, "--set", "train_batch_size=40", "--set", "trainer.epochs=8",
+                 "--output-dir", str(out), "--backend", backend, "--set", "train_batch_size=48", "--set", "trainer.epochs=8",
                  "--set", "trainer.lookahead.start_epoch=1", "--set", "trainer.data.download=false",
                  "--set", "trainer.checkpoint.every_epochs=1",
                  "--set", f"trainer.cpu_keep_freed_memory={str(backend == 'deepspeed').lower()}"], tmp_path, timeout=300)
@@ -151,7 +174,9 @@ def test_speedrun_preset_runs_end_to_end_on_cpu(tmp_path, data, backend):
     assert summary["model_init_time_s"] > 0  # the whitening layer was computed from the data
     assert summary["cpu_keep_freed_memory"] is (backend == "deepspeed" and sys.platform.startswith("linux"))
     assert [m["tta_level"] for m in metrics] == [0] * 7 + [2]  # TTA on the last evaluation only
-    assert resolved["scheduler"]["params"]["total_steps"] == 41  # 200 images / 40 x 8 epochs, + 1
+    # drop_last: 4 full batches of 48 per epoch (the last 8 images wait for another shuffle), x 8 epochs
+    assert summary["steps"] == 32 and resolved["scheduler"]["params"]["total_steps"] == 33  # OneCycleLR's + 1
+    assert summary["stability"] is None  # the preset reads nothing back per step
     assert min(m["lr"] for m in metrics) > 0
     assert resolved["scheduler"]["params"]["max_lr"] == [1.5, 96.0]
     assert metrics[-1]["val_acc"] >= 0.6 and metrics[-1]["train_loss"] < metrics[0]["train_loss"]
@@ -201,6 +226,57 @@ def test_bench_vs_airbench_without_the_package_is_one_line(tmp_path, data):
     assert done.stderr.startswith("error: --vs-airbench needs the airbench package") and done.stderr.count("\n") == 1
 
 
+def test_airbench_is_fed_the_trainers_images_in_its_format_and_order(tmp_path, data, monkeypatch):
+    """bench.py --vs-airbench without a GPU: a stand-in airbench module records what it is given."""
+    import argparse
+    import types
+    from pathlib import Path
+
+    from cifar10ds.config import load_config
+    from cifar10ds.data import load_cifar10
+    from cifar10ds.errors import UserError
+    from tests.helpers import tiny_dataset
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import Airbench
+
+    seen = {}
+
+    class CifarLoader:  # airbench 0.1.8's signature; it reads ./cifar10/train.pt
+        def __init__(self, path, train, batch_size, aug, altflip):
+            seen["loader"] = (Path.cwd(), train, batch_size, aug, altflip)
+            seen["train"] = torch.load(Path(path) / "train.pt", weights_only=True)
+
+    def train94(train_loader, epochs, tta_level, run, verbose):  # reads ./cifar10/test.pt, prints its table
+        seen["test"] = torch.load("cifar10/test.pt", weights_only=True)
+        seen["call"] = (epochs, tta_level, run, verbose)
+        print("|  run  |  epoch  |  tta_val_acc  |  total_time_seconds  |")
+        print("|       |   eval  |       0.9400  |              3.2100  |")
+
+    monkeypatch.setitem(sys.modules, "airbench", types.SimpleNamespace(CifarLoader=CifarLoader, train94=train94))
+    trainer = load_config(ROOT / "configs" / "speedrun94.json", ["trainer.data.download=false"]).trainer
+    with pytest.raises(UserError, match="--vs-airbench: 200 training images are fewer than airbench94's one batch of 1024"):
+        Airbench(argparse.Namespace(data_dir=str(data)), tmp_path / "small", trainer)
+
+    big = tiny_dataset(tmp_path / "big", train_per_class=110, test_per_class=3)  # 1,100 images, sorted by class
+    cwd = Path.cwd()
+    rival = Airbench(argparse.Namespace(data_dir=str(big)), tmp_path / "scratch", trainer)
+    assert rival.run(seed=3) == {"seed": 3, "acc": 0.94, "time_s": 3.21}
+    assert Path.cwd() == cwd  # airbench's folder only while it runs: relative paths of ours still work
+    assert seen["loader"] == (tmp_path / "scratch", True, 1024, {"flip": True, "translate": 2}, True)
+    assert seen["call"] == (9.9, 2, 0, True)  # the preset's epochs and TTA level
+    ours = load_cifar10(str(big), download=False, cache_dir=str(tmp_path / "cache"))
+    train, test = seen["train"], seen["test"]
+    assert train["images"].shape == (1100, 32, 32, 3) and train["images"].dtype == torch.uint8  # NHWC uint8
+    assert train["labels"].dtype == torch.int64 and torch.equal(test["images"], ours.test_x.permute(0, 2, 3, 1))
+    # the very same images and labels, in a shuffled order: the first 5,000 (here 500) that airbench whitens
+    # with hold every class, where the decoded folder is sorted by class
+    as_rows = {(bytes(x.numpy()), int(y)) for x, y in zip(train["images"], train["labels"])}
+    assert as_rows == {(bytes(x.permute(1, 2, 0).contiguous().numpy()), int(y)) for x, y in zip(ours.train_x, ours.train_y)}
+    assert torch.equal(ours.train_y[:500].unique(), torch.arange(5))  # sorted: 5 classes in the first 500
+    assert len(train["labels"][:500].unique()) == 10
+
+
 def test_parse_airbench_table_reads_its_own_final_row():
     import sys
 
@@ -216,6 +292,9 @@ def test_parse_airbench_table_reads_its_own_final_row():
         "|          |   eval  |              |             |           |       0.9401  |              3.8300  |",
     ])
     assert parse_airbench_table(printed) == {"tta_val_acc": 0.9401, "total_time_seconds": 3.83}
+    cut_short = printed.rsplit("\n", 1)[0] + "\nRuntimeError: CUDA out of memory"
+    with pytest.raises(RuntimeError, match="airbench printed no final \\(eval\\) row(.|\n)*CUDA out of memory"):
+        parse_airbench_table(cut_short)
 
 
 @pytest.mark.slow
