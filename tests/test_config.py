@@ -42,6 +42,7 @@ def test_presets_carry_the_seed_recipes():
     speed = load_config(ROOT / "configs/resnet18_speedrun10.json")
     assert (speed.trainer.model, speed.trainer.epochs, speed.ds["train_batch_size"]) == ("resnet18", 10, 64)
     assert speed.ds["optimizer"]["params"] == {"lr": 0.04, "momentum": 0.9} and speed.precision == "bf16"
+    assert speed.autocast  # the log's AMP: fp32 weights, bf16 compute (DeepSpeed's bf16 optimizer syncs per tensor)
     base = load_config(ROOT / "configs/simple_cnn_baseline.json")
     assert (base.trainer.model, base.ds["train_batch_size"], base.ds["optimizer"]["params"]) == ("simple_cnn", 512, {"lr": 0.01})
     assert base.trainer.data.augmentation.model_dump() == {"crop_padding": 0, "flip": False, "cutout": 0}
