@@ -150,7 +150,9 @@ class LookaheadConfig(_Section):
     every_steps: int = Field(5, ge=1, description="optimizer steps between two updates of the average")
     decay: float = Field(0.95**5, ge=0, lt=1, description="the average's decay at the end of the run")
     power: float = Field(3.0, ge=0, description="decay at optimizer step s of T: decay x (s/T)**power (0 = constant)")
-    start_epoch: float = Field(3.0, ge=0, description="epoch from which the average is kept (airbench: 3)")
+    start_epoch: float = Field(
+        0.0, ge=0, description="epoch from which the average is kept (airbench94 keeps it from its first steps)"
+    )
 
 
 class TrainerConfig(_Section):
