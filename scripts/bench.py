@@ -18,7 +18,8 @@ torchvision and a GPU) on the very same tensors: the trainer's decoded images, w
 images in a fixed random order: airbench computes its whitening from the first 5,000, and a decoded archive
 or image folder is sorted by class; the trainer draws its 5,000 at random too). Its time and
 accuracy are the ones it prints itself (CUDA events around its whitening, its epochs and its TTA evaluation:
-``total_time_seconds``, ``tta_val_acc``), at the preset's TTA level. Runs alternate (ours, airbench, ours,
+``total_time_seconds``, ``tta_val_acc``), at the preset's TTA level and number of epochs (the only settings
+passed on: other ``--set`` overrides change the trainer's side alone). Runs alternate (ours, airbench, ours,
 ...) so that drifts of the machine hit both alike. The report: mean accuracy and time with 95% CIs for
 each, the ratio of mean times and the accuracy difference.
 """
