@@ -105,7 +105,8 @@ class CheckpointConfig(_Section):
 
 class StabilityConfig(_Section):
     enabled: bool = Field(
-        True, description="check every optimizer step (costs one device-to-host read per step on GPU in fp32)"
+        True, description="check every optimizer step (costs one device-to-host read per step on GPU in fp32); "
+        "off: only a non-finite epoch loss is caught, and stops the run"
     )
     on_nonfinite: Literal["skip", "stop", "rollback"] = Field(
         "skip", description="non-finite gradient norm: skip the step on all ranks, stop with a checkpoint, or "
