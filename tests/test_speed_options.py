@@ -117,10 +117,10 @@ def test_lookahead_blends_towards_the_weights_and_ends_on_the_average():
             if step == 4:
                 assert la.avg is not None and float(la.avg[0]) == 4.0  # the average starts at epoch 1
             if step == 6:  # decay 0.5 x (6/8) = 0.375: 0.375 x 4 + 0.625 x 20
-                assert float(lin.weight) == pytest.approx(14.0) and float(la.avg[0]) == pytest.approx(14.0)
+                assert lin.weight.item() == pytest.approx(14.0) and float(la.avg[0]) == pytest.approx(14.0)
     lin.weight.data.fill_(40.0)
     la.end_epoch()  # step 8 blended at decay 0.5: 0.5 x 14 + 0.5 x 40 = 27, and the model takes it
-    assert float(lin.weight) == pytest.approx(27.0)
+    assert lin.weight.item() == pytest.approx(27.0)
     restored = Lookahead(cfg, lin, total_steps=8, steps_per_epoch=4)
     restored.load_state_dict(la.state_dict())
     assert float(restored.avg[0]) == pytest.approx(27.0)
@@ -136,17 +136,17 @@ def test_lookahead_evaluates_the_average_but_trains_on_from_its_own_weights():
         for step in range(1, 8):  # epoch 1: steps 1-7, the average taken at step 5
             lin.weight.fill_(float(step))
             la.after_step(step)
-    assert float(la.avg[0]) == 5.0 and float(lin.weight) == 7.0  # steps 6 and 7 moved on from the average
+    assert float(la.avg[0]) == 5.0 and lin.weight.item() == 7.0  # steps 6 and 7 moved on from the average
     la.end_epoch()
-    assert float(lin.weight) == 5.0  # evaluated and saved: the average
+    assert lin.weight.item() == 5.0  # evaluated and saved: the average
     saved = la.state_dict()
     la.start_epoch()
-    assert float(lin.weight) == 7.0 and la.fast is None  # epoch 2 trains on from step 7's weights
+    assert lin.weight.item() == 7.0 and la.fast is None  # epoch 2 trains on from step 7's weights
     la.end_epoch()
     resumed = Lookahead(cfg, lin, total_steps=20, steps_per_epoch=7)  # a resume from the epoch-end checkpoint
     resumed.load_state_dict(saved)
     resumed.start_epoch()
-    assert float(lin.weight) == 7.0 and float(resumed.avg[0]) == 5.0
+    assert lin.weight.item() == 7.0 and float(resumed.avg[0]) == 5.0
 
 
 def test_lookahead_and_channels_last_refuse_deepspeed_master_weights():
