@@ -138,8 +138,9 @@ class Augment:
         return x.contiguous(memory_format=self.memory_format)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 -> normalized float32, no augmentation (evaluation)."""
-        return normalize(x).contiguous(memory_format=self.memory_format)
+        """uint8 -> normalized float32, no augmentation (evaluation); the same as ``normalize`` with the
+        mean and std already on the device (no host-to-device copy per batch)."""
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

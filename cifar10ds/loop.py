@@ -126,6 +126,8 @@ class Checkpointer:
         self.identity = {"backend": backend.name, "model": cfg.trainer.model}
         self.epoch_identity = {"train_images": None, "micro_batch": cfg.ds["train_micro_batch_size_per_gpu"],
                                "seed": cfg.trainer.seed}
+        # The length the lr schedule and Lookahead were planned for (set by train()): a resume must keep it.
+        self.plan = {"steps_per_epoch": None, "total_steps": None}
 
     def _barrier(self) -> None:
         if self.info.world_size > 1:
@@ -146,7 +148,7 @@ class Checkpointer:
         torch.save(ckpt.rng_state(own), ckpt.rng_file(self.dir / tmp, self.info.rank))
         self._barrier()  # every rank's files are written before rank 0 commits
         if self.info.is_main:
-            meta = {**self.epoch_identity, "step": progress.step, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
+            meta = {**self.epoch_identity, **self.plan, "step": progress.step, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
                     "world_size": self.info.world_size, "reason": reason, **self.identity}
             ckpt.commit(self.dir, tmp, tag, meta)
             protect = {progress.best_tag} if progress.best_tag else set()
@@ -160,6 +162,14 @@ class Checkpointer:
             if key in found.meta and found.meta[key] != value:
                 raise ConfigError(f"checkpoint {found.path} was saved with {key} {found.meta[key]!r}, this run uses "
                                   f"{value!r}; resume it with the same {key}")
+        saved_plan = {key: found.meta.get(key, value) for key, value in self.plan.items()}  # older checkpoints lack it
+        if saved_plan != self.plan:
+            raise ConfigError(
+                f"checkpoint {found.path} was saved by a run of {saved_plan['total_steps']} steps "
+                f"({saved_plan['steps_per_epoch']} per epoch) and this run would take {self.plan['total_steps']} "
+                f"({self.plan['steps_per_epoch']} per epoch), which its lr schedule does not fit: resume with the "
+                "trainer.epochs, batch sizes, trainer.data.drop_last and training data it was saved with, or start "
+                "a new run in another --output-dir")
         if found.meta.get("step_in_epoch"):
             for key, value in self.epoch_identity.items():
                 if key in found.meta and found.meta[key] != value:
@@ -363,6 +373,7 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
     stopper = EarlyStopping(t.early_stopping)
     checkpointer = Checkpointer(cfg, ckpt_dir, backend, info, augment, reporter.say)
     checkpointer.epoch_identity["train_images"] = n_train
+    checkpointer.plan.update(steps_per_epoch=per_epoch, total_steps=total_micro)
     monitor = make_monitor(cfg, backend, info, data) if t.stability.enabled else None
     progress = Progress()
     if resume is not None:

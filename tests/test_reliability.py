@@ -166,6 +166,20 @@ def test_resume_errors(tmp_path, config, data):
     assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step00000010")
 
 
+def test_a_resume_that_changes_the_run_length_is_refused(tmp_path, config, data):
+    """The lr schedule (torch's OneCycleLR keeps its length in its state) and Lookahead are planned for the run's
+    steps: more epochs or another batch layout under a checkpoint would crash or bend them, so it is refused."""
+    out = tmp_path / "out"
+    assert launch(tmp_path, config, data, out, "--set", "trainer.epochs=1").returncode == 0
+    for change, saved, now in [("trainer.epochs=2", "10 steps (10 per epoch)", "20 (10 per epoch)"),
+                               ("train_batch_size=32", "10 steps (10 per epoch)", "7 (7 per epoch)")]:
+        r = launch(tmp_path, config, data, out, "--resume", "auto", "--set", "trainer.epochs=1", "--set", change)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"step00000010 was saved by a run of {saved} and this run would take {now}" in r.stderr
+        assert "resume with the trainer.epochs, batch sizes, trainer.data.drop_last and training data" in r.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10  # nothing trained on
+
+
 def test_bad_config_writes_no_checkpoint(tmp_path, config, data):
     out = tmp_path / "out"
     r = launch(tmp_path, config, data, out, "--set", "trainer.checkpoint.keep_last=0")
