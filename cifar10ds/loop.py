@@ -596,6 +596,13 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
     }
 
 
+def _host_floats(values: list[Any]) -> list[float]:
+    """Floats of a mix of numbers and device scalars, the device ones read back together (one copy, not one each)."""
+    tensors = [v for v in values if torch.is_tensor(v)]
+    read = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).tolist() if tensors else [])
+    return [next(read) if torch.is_tensor(v) else float(v) for v in values]
+
+
 def _finish_epoch(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, augment: Augment, acc: EpochSums,
                   progress: Progress, epoch: int, steps: int, per_epoch: int, first_step: int, epoch_time: float,
                   elapsed: Any, tta_level: int = 0) -> dict[str, Any]:
@@ -608,13 +615,12 @@ def _finish_epoch(backend: Backend, data: DeviceData, cfg: Config, info: DistInf
     t0 = clock.mark()
     val_loss, val_acc = evaluate(backend, data, augment, info, cfg.trainer.data.eval_batch_size, tta_level)
     eval_time = clock.since(t0)
-    norms = [float(n) for _, n, *_ in acc.norms]
+    norms = _host_floats([n for _, n, *_ in acc.norms])
     finite = [n for n in norms if math.isfinite(n)]
     rows: list[dict[str, Any]] = []
     for i, v in enumerate(losses.tolist()):
         rows.append({"step": first_step + i, "epoch": epoch + 1, "loss": v if math.isfinite(v) else None})
-    for s, n, lr, scale, *rest in acc.norms:
-        n = float(n)
+    for n, (s, _, lr, scale, *rest) in zip(norms, acc.norms):
         row = rows[s - first_step]
         row.update(grad_norm=n if math.isfinite(n) else None, lr=lr)
         if scale is not None:

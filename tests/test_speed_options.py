@@ -195,13 +195,15 @@ def test_bench_runs_seeds_in_one_process_and_reports_cis(tmp_path, data):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(ROOT / "configs" / "speedrun94.json"),
            "--seeds", "2", "--data-dir", str(data), "--json", str(out), "--set", "train_batch_size=40",
-           "--set", "trainer.epochs=1", "--set", "trainer.data.download=false", "--set", "trainer.tta_level=1"]
+           "--set", "trainer.epochs=1", "--set", "trainer.data.download=false", "--set", "trainer.tta_level=1",
+           "--warmup-images", "100"]
     done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     runs = report["trainer"]["runs"]
     assert [r["seed"] for r in runs] == [0, 1] and report["trainer"]["n"] == 2
     assert report["tta_level"] == 1 and report["backend"] == "deepspeed" and report["train_images"] == 200
+    assert report["warmup_train_images"] == 100  # the uncounted first run, on fewer images
     assert report["trainer"]["acc_mean"] == pytest.approx(sum(r["acc"] for r in runs) / 2)
     low, high = report["trainer"]["acc_ci95"]
     assert low <= report["trainer"]["acc_mean"] <= high
@@ -348,3 +350,55 @@ def test_clock_uses_the_host_clock_on_cpu(monkeypatch):
     monkeypatch.setattr("cifar10ds.loop.time.perf_counter", lambda: next(now))
     clock = Clock(torch.device("cpu"))
     assert clock.since(clock.mark()) == pytest.approx(0.75)
+
+
+def test_epoch_end_reads_the_step_norms_back_in_one_copy_with_the_same_values(monkeypatch):
+    from cifar10ds.loop import _host_floats
+
+    values = [torch.tensor(1.1), 2.5, torch.tensor(0.3, dtype=torch.float64), torch.tensor(float("inf")),
+              torch.tensor(3.3, dtype=torch.bfloat16)]
+    expected = [float(v) for v in values]
+    reads = []
+    for name in ("tolist", "item", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name: reads.append(_n) or _o(t, *a))
+    assert _host_floats(values) == expected
+    assert reads == ["tolist"]  # one device-to-host copy for all of the epoch's norms (a GPU sync each, else)
+    assert _host_floats([]) == [] and _host_floats([1.0, 2.0]) == [1.0, 2.0]
+
+
+COUNT_READS = """
+import collections, json, runpy, sys, torch
+counts = collections.Counter()
+for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
+    def counted(t, *a, _o=getattr(torch.Tensor, name), _n=name, **k):
+        counts[_n] += 1
+        return _o(t, *a, **k)
+    setattr(torch.Tensor, name, counted)
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("READS " + json.dumps(counts))
+"""
+
+
+@pytest.mark.slow
+def test_the_speed_preset_reads_nothing_back_from_the_device_per_step(tmp_path, data):
+    """Each host read of a tensor's value is a GPU sync: the host stops running ahead. Counted on CPU: a run of 2
+    epochs minus a run of 1 leaves one epoch's reads, which must not grow with its 10 steps."""
+    import sys
+
+    from tests.helpers import SCRIPT, cli_env, run_bounded
+
+    reads = []
+    for epochs in (1, 2):
+        cmd = [sys.executable, "-c", COUNT_READS, str(SCRIPT), "--deepspeed_config", str(ROOT / "configs" / "speedrun94.json"),
+               "--data-dir", str(data), "--output-dir", str(tmp_path / f"e{epochs}"), "--quiet",
+               "--set", f"trainer.epochs={epochs}", "--set", "train_batch_size=20", "--set", "trainer.data.download=false"]
+        done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        reads.append(json.loads(done.stdout.split("READS ")[-1]))
+    per_epoch = {k: reads[1].get(k, 0) - reads[0].get(k, 0) for k in reads[1]}
+    # the epoch's sums, its per-step losses, its per-step norms (one copy each), the evaluation's sums
+    assert {k: v for k, v in per_epoch.items() if v} == {"tolist": 4}
