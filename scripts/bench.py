@@ -5,7 +5,8 @@
 
 Each seed is one ordinary trainer run (``cifar10_deepspeed.run``, the DeepSpeed engine unless
 ``--backend`` says otherwise) in this process, after one uncounted warm-up run, as airbench times
-itself: the first run of a process pays for CUDA context, cuDNN autotuning and compilation.
+itself: the first run of a process pays for CUDA context, cuDNN autotuning and compilation. For long
+recipes ``--warmup-images N`` trains that warm-up run on N images only.
 
 Time per run, counted the way airbench counts its own: computing the whitening layer from data
 (``model_init_time_s``) + the training steps (``train_time_s``: the device is synchronised at the start
@@ -46,12 +47,12 @@ import cifar10_deepspeed  # noqa: E402
 from cifar10ds.errors import EXIT_USER_ERROR, UserError, print_line  # noqa: E402
 
 
-def trainer_run(args: argparse.Namespace, seed: int, out: Path) -> dict:
+def trainer_run(args: argparse.Namespace, seed: int, out: Path, extra: tuple[str, ...] = ()) -> dict:
     argv = ["--deepspeed_config", args.config, "--output-dir", str(out), "--quiet", "--backend", args.backend,
             "--set", f"trainer.seed={seed}", "--set", "trainer.checkpoint.every_epochs=null"]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
-    for item in args.overrides:
+    for item in (*args.overrides, *extra):
         argv += ["--set", item]
     s = cifar10_deepspeed.run(cifar10_deepspeed.parse_args(argv))
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -154,10 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--vs-airbench", action="store_true", help="also run airbench94 on the same data, interleaved")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
+    p.add_argument("--warmup-images", type=int, default=None, metavar="N",
+                   help="train the trainer's warm-up run on N images (trainer.data.train_limit=N) instead of all: "
+                        "for long recipes; the first-run costs (CUDA context, cuDNN autotuning, compiling) come from "
+                        "the model and batch shapes, not the data size")
     p.add_argument("--json", type=Path, default=None, metavar="OUT.json")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
+    if args.warmup_images is not None and args.warmup_images < 1:
+        p.error("--warmup-images must be >= 1")
     args.config = str(Path(args.config).resolve())
     if args.data_dir and Path(args.data_dir).expanduser().exists():
         args.data_dir = str(Path(args.data_dir).expanduser().resolve())
@@ -165,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="bench-"))
     ours: list[dict] = []
     theirs: list[dict] = []
+    warmup: dict | None = None
     try:
         from cifar10ds.config import load_config
 
@@ -172,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         tta = trainer.tta_level
         rival = Airbench(args, scratch / "airbench", trainer) if args.vs_airbench else None
         if args.warmup:
-            trainer_run(args, 10**6, scratch / "warmup")
+            limit = () if args.warmup_images is None else (f"trainer.data.train_limit={args.warmup_images}",)
+            warmup = trainer_run(args, 10**6, scratch / "warmup", limit)
             if rival is not None:
                 rival.run(10**6)
             print("warm-up runs done (not counted)", flush=True)
@@ -192,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     report = {"config": args.config, "overrides": args.overrides, "backend": args.backend, "tta_level": tta,
               "device": ours[0]["device"], "versions": ours[0]["versions"], "train_images": ours[0]["train_images"],
-              "test_images": ours[0]["test_images"], "trainer": describe("trainer", ours)}
+              "test_images": ours[0]["test_images"],
+              "warmup_train_images": warmup and warmup["train_images"], "trainer": describe("trainer", ours)}
     if theirs:
         report["airbench"] = describe("airbench", theirs)
         ratio = report["trainer"]["time_mean_s"] / report["airbench"]["time_mean_s"]

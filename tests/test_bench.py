@@ -1,4 +1,4 @@
-"""scripts/bench_cpu.py runs all three contenders and reports consistent numbers (no speed thresholds here)."""
+"""The benchmark scripts run and report consistent numbers (no speed thresholds here)."""
 
 from __future__ import annotations
 
@@ -79,3 +79,38 @@ def test_bench_memory_format_compares_both_formats_per_model(tmp_path):
             assert speeds["contiguous"] > 0 and speeds["channels_last"] > 0
             assert row[f"{key}_ratio"] == pytest.approx(speeds["channels_last"] / speeds["contiguous"])
         assert f"{name:12s} batch   32" in done.stdout
+
+
+def _bench_gpu(tmp_path, *args, bench_args=""):
+    env = cli_env(tmp_path)
+    env.update(PYTHON=sys.executable, BENCH_ARGS=bench_args)
+    return run_bounded(["bash", str(ROOT / "scripts" / "bench_gpu.sh"), *args], ROOT, env, timeout=400)
+
+
+def test_bench_gpu_refuses_an_unknown_part_before_running_any(tmp_path):
+    done = _bench_gpu(tmp_path, "data", str(tmp_path / "out"), "env", "speedrun9")
+    assert done.returncode == 2 and done.stderr.startswith("error: unknown part speedrun9; the parts are: env speedrun94")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_bench_gpu_parts_write_their_reports_and_go_on_past_a_failure(tmp_path, data):
+    """On CPU with 1 seed of 1 epoch (BENCH_ARGS): each part's report, with the part's own overrides."""
+    import torch
+
+    out = tmp_path / "out"
+    small = "--seeds 1 --no-warmup --set trainer.epochs=1 --set train_batch_size=40 --set trainer.data.download=false"
+    done = _bench_gpu(tmp_path, str(data), str(out), "env", "speedrun94", "speedrun94_doctor", "resnet18_fast",
+                      bench_args=small)
+    assert done.returncode == 1, done.stderr[-3000:]  # speedrun94 needs airbench (and a GPU); the others ran
+    assert f"torch {torch.__version__}" in (out / "env.txt").read_text()
+    assert not (out / "speedrun94.json").exists()
+    log = (out / "log.txt").read_text()
+    assert "== speedrun94: bench.py --seeds 10 --vs-airbench --seeds 1 --no-warmup" in log
+    assert "== speedrun94 failed (exit " in log
+    doctor = json.loads((out / "speedrun94_doctor.json").read_text())
+    assert doctor["trainer"]["n"] == 1 and doctor["config"].endswith("configs/speedrun94.json")
+    assert "trainer.stability.enabled=true" in doctor["overrides"]
+    fast = json.loads((out / "resnet18_fast.json").read_text())
+    assert fast["config"].endswith("configs/resnet18_speedrun10.json") and fast["trainer"]["n"] == 1
+    assert {"trainer.stability.enabled=false", "trainer.channels_last=true"} <= set(fast["overrides"])
