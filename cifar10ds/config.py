@@ -248,6 +248,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         trainer = TrainerConfig.model_validate(trainer_raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {_describe(e, TrainerConfig, 'trainer')}") from None
+    for key in [k for k, v in raw.items() if v is None]:  # null = left out (DeepSpeed fails on a null section)
+        del raw[key]
     check_deepspeed_keys(raw, path)
     raw.setdefault("gradient_clipping", DEEPSPEED_GRADIENT_CLIPPING_DEFAULT)
     return Config(ds=raw, trainer=trainer, path=str(path))

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from cifar10ds.config import (
+    DEEPSPEED_GRADIENT_CLIPPING_DEFAULT,
     apply_override,
     load_config,
     optimizer_steps,
@@ -232,3 +233,12 @@ def test_deepspeed_sections_the_trainer_reads(tmp_path, change, message):
         del cfg["optimizer"]
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, cfg))
+
+
+def test_a_null_deepspeed_key_is_left_out(tmp_path):
+    """DeepSpeed fails inside its own config code on a null section ("'NoneType' object has no attribute 'keys'")."""
+    cfg = {**json.loads(json.dumps(BASE)), "scheduler": {"type": "WarmupLR", "params": {}}}
+    loaded = load_config(write(tmp_path, cfg), ["scheduler=null", "gradient_clipping=null"])
+    assert "scheduler" not in loaded.ds and loaded.ds["gradient_clipping"] == DEEPSPEED_GRADIENT_CLIPPING_DEFAULT
+    with pytest.raises(ConfigError, match='an "optimizer" is required'):
+        load_config(write(tmp_path, cfg), ["optimizer=null"])
