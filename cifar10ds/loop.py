@@ -115,19 +115,21 @@ class StopSignal:
 class Checkpointer:
     """Saves through the engine, adds each rank's RNG states, commits atomically, rotates."""
 
-    def __init__(self, cfg: Config, ckpt_dir: Path, backend: Backend, info: DistInfo, augment: Augment, say: Any):
+    def __init__(self, cfg: Config, ckpt_dir: Path, backend: Backend, info: DistInfo, augment: Augment, warn: Any):
         self.cfg = cfg.trainer.checkpoint
         self.dir = ckpt_dir
         self.backend = backend
         self.info = info
         self.augment = augment
-        self.say = say
+        self.warn = warn
         # What must match for a checkpoint to be loadable at all, and for a mid-epoch one to continue.
         self.identity = {"backend": backend.name, "model": cfg.trainer.model}
         self.epoch_identity = {"train_images": None, "micro_batch": cfg.ds["train_micro_batch_size_per_gpu"],
                                "seed": cfg.trainer.seed}
-        # The length the lr schedule and Lookahead were planned for (set by train()): a resume must keep it.
-        self.plan = {"steps_per_epoch": None, "total_steps": None}
+        # The optimizer steps the lr schedule and Lookahead were planned for (set by train()): a resume must keep
+        # them (torch's OneCycleLR even keeps its length in the checkpoint and fails past it).
+        self.plan = {"optimizer_steps_per_epoch": None, "optimizer_steps": None}
+        self.planned_by: list[str] = []
 
     def _barrier(self) -> None:
         if self.info.world_size > 1:
@@ -162,14 +164,6 @@ class Checkpointer:
             if key in found.meta and found.meta[key] != value:
                 raise ConfigError(f"checkpoint {found.path} was saved with {key} {found.meta[key]!r}, this run uses "
                                   f"{value!r}; resume it with the same {key}")
-        saved_plan = {key: found.meta.get(key, value) for key, value in self.plan.items()}  # older checkpoints lack it
-        if saved_plan != self.plan:
-            raise ConfigError(
-                f"checkpoint {found.path} was saved by a run of {saved_plan['total_steps']} steps "
-                f"({saved_plan['steps_per_epoch']} per epoch) and this run would take {self.plan['total_steps']} "
-                f"({self.plan['steps_per_epoch']} per epoch), which its lr schedule does not fit: resume with the "
-                "trainer.epochs, batch sizes, trainer.data.drop_last and training data it was saved with, or start "
-                "a new run in another --output-dir")
         if found.meta.get("step_in_epoch"):
             for key, value in self.epoch_identity.items():
                 if key in found.meta and found.meta[key] != value:
@@ -181,9 +175,18 @@ class Checkpointer:
                 f"checkpoint {found.path} was saved mid-epoch by {saved_world} ranks and cannot continue on "
                 f"{self.info.world_size}; resume it with {saved_world} ranks, or from an end-of-epoch checkpoint"
             )
+        saved = {key: found.meta.get(key, value) for key, value in self.plan.items()}  # older checkpoints lack it
+        if self.planned_by and saved != self.plan:
+            raise ConfigError(
+                f"checkpoint {found.path} belongs to a run of {saved['optimizer_steps']} optimizer steps "
+                f"({saved['optimizer_steps_per_epoch']:g} per epoch), which {' and '.join(self.planned_by)} "
+                f"{'were' if len(self.planned_by) > 1 else 'was'} planned for; this run would take "
+                f"{self.plan['optimizer_steps']} ({self.plan['optimizer_steps_per_epoch']:g} per epoch): resume with "
+                "the trainer.epochs, train_batch_size, trainer.data.drop_last and training data it was saved with, "
+                "or start a new run in another --output-dir")
         client_state = self.backend.load_checkpoint(found.path.parent, found.path.name)
         if saved_world != self.info.world_size:
-            self.say(f"warning: resuming {found.path.name} saved with world size {saved_world} on "
+            self.warn(f"warning: resuming {found.path.name} saved with world size {saved_world} on "
                      f"{self.info.world_size} ranks: training continues, but not bit-for-bit as it would have")
             return client_state, None
         state = torch.load(ckpt.rng_file(found.path, self.info.rank), weights_only=True)
@@ -371,9 +374,12 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
         lookahead = Lookahead(t.lookahead, backend.module, optimizer_steps(per_epoch, t.epochs, accumulation),
                               per_epoch / accumulation)
     stopper = EarlyStopping(t.early_stopping)
-    checkpointer = Checkpointer(cfg, ckpt_dir, backend, info, augment, reporter.say)
+    checkpointer = Checkpointer(cfg, ckpt_dir, backend, info, augment, reporter.warn)
     checkpointer.epoch_identity["train_images"] = n_train
-    checkpointer.plan.update(steps_per_epoch=per_epoch, total_steps=total_micro)
+    checkpointer.plan.update(optimizer_steps_per_epoch=round(per_epoch / accumulation, 6),
+                             optimizer_steps=optimizer_steps(per_epoch, t.epochs, accumulation))
+    checkpointer.planned_by = (["the lr schedule"] if cfg.ds.get("scheduler") else []) + (
+        ["Lookahead"] if t.lookahead.enabled else [])
     monitor = make_monitor(cfg, backend, info, data) if t.stability.enabled else None
     progress = Progress()
     if resume is not None:
@@ -415,7 +421,7 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
         """Reload the newest committed checkpoint and go on at a lower lr (every rank, together)."""
         nonlocal progress
         assert monitor is not None
-        found = broadcast_object(ckpt.find_resume(ckpt_dir, reporter.say) if info.is_main else None)
+        found = broadcast_object(ckpt.find_resume(ckpt_dir, reporter.warn) if info.is_main else None)
         if found is None:
             raise RuntimeError(f"no committed checkpoint in {ckpt_dir} to roll back to")
         seen = monitor.seen

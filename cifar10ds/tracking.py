@@ -77,6 +77,11 @@ class Reporter:
         if self.is_main and not self.quiet:
             print(line, flush=True)
 
+    def warn(self, line: str) -> None:
+        """A warning: on stderr, also with --quiet."""
+        if self.is_main:
+            print(line, file=sys.stderr, flush=True)
+
     def write_json(self, name: str, obj: Any) -> None:
         if self.is_main:
             tmp = self.out_dir / f".{name}.tmp"

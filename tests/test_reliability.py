@@ -168,16 +168,37 @@ def test_resume_errors(tmp_path, config, data):
 
 def test_a_resume_that_changes_the_run_length_is_refused(tmp_path, config, data):
     """The lr schedule (torch's OneCycleLR keeps its length in its state) and Lookahead are planned for the run's
-    steps: more epochs or another batch layout under a checkpoint would crash or bend them, so it is refused."""
+    optimizer steps: more epochs or another batch size under a checkpoint would crash or bend them, so it is
+    refused; the same optimizer steps in another layout (accumulation) are not, nor is anything without a plan."""
     out = tmp_path / "out"
     assert launch(tmp_path, config, data, out, "--set", "trainer.epochs=1").returncode == 0
-    for change, saved, now in [("trainer.epochs=2", "10 steps (10 per epoch)", "20 (10 per epoch)"),
-                               ("train_batch_size=32", "10 steps (10 per epoch)", "7 (7 per epoch)")]:
+    for change, now in [("trainer.epochs=2", "20 (10 per epoch)"), ("train_batch_size=40", "5 (5 per epoch)")]:
         r = launch(tmp_path, config, data, out, "--resume", "auto", "--set", "trainer.epochs=1", "--set", change)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert f"step00000010 was saved by a run of {saved} and this run would take {now}" in r.stderr
-        assert "resume with the trainer.epochs, batch sizes, trainer.data.drop_last and training data" in r.stderr
+        assert (f"step00000010 belongs to a run of 10 optimizer steps (10 per epoch), which the lr schedule was "
+                f"planned for; this run would take {now}: resume with the trainer.epochs, train_batch_size") in r.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 10  # nothing trained on
+    # The same 10 optimizer steps as 20 micro steps of 10 images: the schedule fits, the finished run stays finished.
+    r = launch(tmp_path, config, data, out, "--resume", "auto", "--set", "trainer.epochs=1", *GAS2)
+    assert r.returncode == 0 and "nothing to train" not in r.stderr, r.stderr[-2000:]
+    # Without a scheduler or Lookahead nothing holds the length: a finished run can be trained on.
+    plain = tmp_path / "plain"
+    assert launch(tmp_path, config, data, plain, "--set", "trainer.epochs=1", "--set", "scheduler=null").returncode == 0
+    r = launch(tmp_path, config, data, plain, "--resume", "auto", "--set", "trainer.epochs=2", "--set", "scheduler=null")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((plain / "summary.json").read_text())["steps"] == 20
+
+
+def test_an_end_of_epoch_checkpoint_resumes_on_another_number_of_ranks(tmp_path, config, data):
+    """Same train_batch_size, micro batch "auto": the same optimizer steps, so the planned schedule fits."""
+    out = tmp_path / "out"
+    r = launch(tmp_path, config, data, out, "--set", "trainer.epochs=2", fault="sigkill@15")  # killed in epoch 2
+    assert r.returncode != 0 and [p.name for p in (out / "checkpoints").iterdir()] == ["step00000010"]
+    r = launch(tmp_path, config, data, out, "--resume", "auto", "--set", "trainer.epochs=2", ranks=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "saved with world size 1 on 2 ranks: training continues, but not bit-for-bit" in r.stderr  # also with --quiet
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["world_size"], summary["epochs_run"], summary["stop_reason"]) == (2, 2, "completed")
 
 
 def test_bad_config_writes_no_checkpoint(tmp_path, config, data):
