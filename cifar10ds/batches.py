@@ -18,10 +18,15 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
 
+def mean_std(device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CIFAR-10 mean and std in uint8 units, shaped to broadcast over NCHW images on ``device``."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float32 normalized with the CIFAR-10 mean and std."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
+    mean, std = mean_std(x.device)
     return (x.float() - mean) / std
 
 
@@ -97,8 +102,7 @@ class Augment:
             # the other way round from the one before. Drawn from the run's seed, the same on every rank.
             g = torch.Generator().manual_seed(flip_seed * 1_000_003 + 17)
             self.flip_bits = (torch.rand(n_images, generator=g) < 0.5).to(self.device)
-        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
+        self.mean, self.std = mean_std(self.device)  # kept on the device: no copy per batch
 
     def _rand(self, high: int, n: int) -> torch.Tensor:
         return torch.randint(0, high, (n,), device=self.device, generator=self.generator)
@@ -138,8 +142,7 @@ class Augment:
         return x.contiguous(memory_format=self.memory_format)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 -> normalized float32, no augmentation (evaluation); the same as ``normalize`` with the
-        mean and std already on the device (no host-to-device copy per batch)."""
+        """uint8 -> normalized float32, no augmentation (evaluation): ``normalize`` with the kept mean and std."""
         return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
     def state_dict(self) -> dict:

@@ -369,15 +369,14 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
     # Each rank draws its own augmentations; the seed fixes them all.
     augment = Augment(aug_cfg.crop_padding, aug_cfg.flip, aug_cfg.cutout, seed=t.seed * 1_000_003 + info.rank, device=device,
                       n_images=n_train, flip_seed=t.seed, channels_last=t.channels_last)
+    opt_steps, opt_per_epoch = optimizer_steps(per_epoch, t.epochs, accumulation), per_epoch / accumulation
     lookahead = None
     if t.lookahead.enabled:
-        lookahead = Lookahead(t.lookahead, backend.module, optimizer_steps(per_epoch, t.epochs, accumulation),
-                              per_epoch / accumulation)
+        lookahead = Lookahead(t.lookahead, backend.module, opt_steps, opt_per_epoch)
     stopper = EarlyStopping(t.early_stopping)
     checkpointer = Checkpointer(cfg, ckpt_dir, backend, info, augment, reporter.warn)
     checkpointer.epoch_identity["train_images"] = n_train
-    checkpointer.plan.update(optimizer_steps_per_epoch=round(per_epoch / accumulation, 6),
-                             optimizer_steps=optimizer_steps(per_epoch, t.epochs, accumulation))
+    checkpointer.plan.update(optimizer_steps_per_epoch=round(opt_per_epoch, 6), optimizer_steps=opt_steps)
     checkpointer.planned_by = (["the lr schedule"] if cfg.ds.get("scheduler") else []) + (
         ["Lookahead"] if t.lookahead.enabled else [])
     monitor = make_monitor(cfg, backend, info, data) if t.stability.enabled else None
