@@ -35,6 +35,14 @@ def _total_norm(named: list[tuple[str, torch.Tensor]], device: torch.device
     return torch.linalg.vector_norm(norms), ([n for n, _ in named], norms)
 
 
+def scaler_scale(scaler: Any) -> torch.Tensor | float:
+    """A torch GradScaler's current scale with no host read: a copy of its device scalar (``update()`` changes the
+    scalar in place). ``get_scale()`` is a host read, a GPU sync, and only the fallback (no scale on the device yet,
+    or a torch without the private ``_get_scale_async``)."""
+    scale = scaler._get_scale_async() if scaler.is_enabled() and hasattr(scaler, "_get_scale_async") else None
+    return float(scaler.get_scale()) if scale is None else scale.detach().clone()
+
+
 class Backend:
     """What the training loop needs from an engine."""
 
@@ -102,8 +110,9 @@ class Backend:
         """The full model weights (a collective call: every rank must call it)."""
         raise NotImplementedError
 
-    def loss_scale(self) -> float | None:
-        """The fp16 dynamic loss scale (None without fp16)."""
+    def loss_scale(self) -> torch.Tensor | float | None:
+        """The fp16 dynamic loss scale (None without fp16): a number, or a device scalar that is read back when its
+        value is needed (torch's GradScaler keeps it on the device; reading it each step would stall a GPU)."""
         return None
 
     def save_checkpoint(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
@@ -258,7 +267,7 @@ class DeepSpeedBackend(Backend):
             named = [(n, p.grad) for n, p in self.module.named_parameters() if p.grad is not None]
             self._pending, self._param_norms = _total_norm(named, self.device)
             if self._grad_scaler is not None:  # an overflow stays inf: the scaler skips that step itself
-                self._pending = self._pending / self._grad_scaler.get_scale()
+                self._pending = self._pending / scaler_scale(self._grad_scaler)
         return self._pending
 
     def step(self, skip: bool = False) -> tuple[torch.Tensor | float | None, bool]:
@@ -301,9 +310,9 @@ class DeepSpeedBackend(Backend):
     def _param_groups(self) -> list[dict[str, Any]]:
         return self.engine.optimizer.param_groups
 
-    def loss_scale(self) -> float | None:
+    def loss_scale(self) -> torch.Tensor | float | None:
         if self._grad_scaler is not None:
-            return float(self._grad_scaler.get_scale())
+            return scaler_scale(self._grad_scaler)
         scale = getattr(self.engine.optimizer, "cur_scale", None) if self.engine.fp16_enabled() else None
         return None if scale is None else float(scale)
 
@@ -495,9 +504,9 @@ class AccelerateBackend(Backend):
     def _param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
-    def loss_scale(self) -> float | None:
+    def loss_scale(self) -> torch.Tensor | float | None:
         scaler = self.accelerator.scaler
-        return None if scaler is None else float(scaler.get_scale())
+        return None if scaler is None else scaler_scale(scaler)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         return self.accelerator.get_state_dict(self.model)

@@ -77,9 +77,18 @@ class EpochSums:
         self.norms: list[tuple[int, Any]] = [tuple(n) for n in p["norms"]]
         self.time = p["time"]
 
+    def host_norms(self) -> list[tuple[Any, ...]]:
+        """The optimizer steps' (step, norm, lr, loss scale, skipped) in host numbers: the device scalars among the
+        norms and fp16 loss scales read back in one copy."""
+        scales = [e[3] for e in self.norms if e[3] is not None]
+        values = _host_floats([e[1] for e in self.norms] + scales)
+        read = iter(values[len(self.norms):])
+        return [(s, n, lr, None if scale is None else next(read), *rest)
+                for n, (s, _, lr, scale, *rest) in zip(values, self.norms)]
+
     def to_plain(self) -> dict[str, Any]:
-        return {"sums": self.sums.tolist(), "losses": [float(v) for v in self.losses],
-                "norms": [(s, float(n), lr, scale, *rest) for s, n, lr, scale, *rest in self.norms], "time": self.time}
+        return {"sums": self.sums.tolist(), "losses": _host_floats(self.losses), "norms": self.host_norms(),
+                "time": self.time}
 
 
 class StopSignal:
@@ -276,7 +285,9 @@ def checked_step(backend: Backend, monitor: Monitor, loss: torch.Tensor, lr: flo
         loss_v, *rest = torch.stack(values).tolist()
         norm_v = rest[0] if rest else None
     applied = not skipped and norm_v is not None and not math.isfinite(norm_v)
-    action = monitor.observe_step(step, loss_v, norm_v, lr, backend.loss_scale(), skipped, layer, applied)
+    scale = backend.loss_scale()
+    scale = None if scale is None else float(scale)  # the doctor's host read (it has synchronised anyway)
+    action = monitor.observe_step(step, loss_v, norm_v, lr, scale, skipped, layer, applied)
     return norm_v, skipped, action
 
 
@@ -485,7 +496,7 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                 progress.step_in_epoch = b + 1
                 loss = loss.detach()
                 acc.losses.append(loss)
-                if norm is not None:  # an optimizer step: its lr and loss scale are host values, no sync
+                if norm is not None:  # an optimizer step: norm and loss scale may be device scalars, read at the end
                     acc.norms.append((progress.step, norm, lr, backend.loss_scale(), skipped))
                 if not skipped:  # a skipped step trained nothing: keep it out of the epoch's averages
                     acc.sums[0] += loss * len(y)
@@ -620,12 +631,12 @@ def _finish_epoch(backend: Backend, data: DeviceData, cfg: Config, info: DistInf
     t0 = clock.mark()
     val_loss, val_acc = evaluate(backend, data, augment, info, cfg.trainer.data.eval_batch_size, tta_level)
     eval_time = clock.since(t0)
-    norms = _host_floats([n for _, n, *_ in acc.norms])
-    finite = [n for n in norms if math.isfinite(n)]
+    optimizer_steps = acc.host_norms()
+    finite = [n for _, n, *_ in optimizer_steps if math.isfinite(n)]
     rows: list[dict[str, Any]] = []
     for i, v in enumerate(losses.tolist()):
         rows.append({"step": first_step + i, "epoch": epoch + 1, "loss": v if math.isfinite(v) else None})
-    for n, (s, _, lr, scale, *rest) in zip(norms, acc.norms):
+    for s, n, lr, scale, *rest in optimizer_steps:
         row = rows[s - first_step]
         row.update(grad_norm=n if math.isfinite(n) else None, lr=lr)
         if scale is not None:

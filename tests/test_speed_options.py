@@ -367,12 +367,43 @@ def test_epoch_end_reads_the_step_norms_back_in_one_copy_with_the_same_values(mo
     assert _host_floats([]) == [] and _host_floats([1.0, 2.0]) == [1.0, 2.0]
 
 
+def test_the_fp16_loss_scale_is_kept_per_step_on_the_device_and_read_with_the_norms(monkeypatch):
+    """torch's GradScaler keeps its scale on the device and halves it in place after an overflow: each step's
+    record must be a copy (not the live scalar), and reading it must wait for the epoch's one copy."""
+    from cifar10ds.engine import scaler_scale
+    from cifar10ds.loop import EpochSums
+
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    assert scaler_scale(scaler) == 8.0  # nothing scaled yet: no scale on the device, the initial one
+    acc = EpochSums(torch.device("cpu"))
+    reads = []
+    for name in ("tolist", "item", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name: reads.append(_n) or _o(t, *a))
+    for step, grad in enumerate((1.0, float("inf"), 1.0), start=1):
+        scaler.scale((w * grad).sum()).backward()
+        scaler.step(opt)  # torch's own read of its inf flag
+        scaler.update()
+        opt.zero_grad()
+        acc.norms.append((step, torch.tensor(float(step)), 0.1, scaler_scale(scaler), False))
+    reads.clear()
+    plain = acc.host_norms()
+    assert reads == ["tolist"]
+    assert [(s, n, scale) for s, n, _, scale, _ in plain] == [(1, 1.0, 8.0), (2, 2.0, 4.0), (3, 3.0, 4.0)]
+    assert acc.to_plain()["norms"] == plain  # a mid-epoch checkpoint holds numbers, not tensors
+    assert scaler_scale(torch.amp.GradScaler("cpu", enabled=False)) == 1.0
+
+
 COUNT_READS = """
-import collections, json, runpy, sys, torch
+import collections, json, os, runpy, sys, torch, deepspeed
 counts = collections.Counter()
+homes = {"torch": os.path.dirname(torch.__file__), "deepspeed": os.path.dirname(deepspeed.__file__)}
 for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
     def counted(t, *a, _o=getattr(torch.Tensor, name), _n=name, **k):
-        counts[_n] += 1
+        caller = sys._getframe(1).f_code.co_filename
+        counts[_n + " by " + next((h for h, d in homes.items() if caller.startswith(d)), "us")] += 1
         return _o(t, *a, **k)
     setattr(torch.Tensor, name, counted)
 sys.argv = sys.argv[1:]
@@ -384,9 +415,15 @@ finally:
 
 
 @pytest.mark.slow
-def test_the_speed_preset_reads_nothing_back_from_the_device_per_step(tmp_path, data):
+@pytest.mark.parametrize("dtype, theirs", [
+    ("bfloat16", {}),  # the preset as it is
+    # a GPU without bf16 (T4, V100): torch's GradScaler reads its inf flag in step() (torch's own, one per step);
+    # the loss scale the loop records stays on the device until the epoch ends
+    ("float16", {"item by torch": 10}),
+])
+def test_the_speed_preset_reads_nothing_back_from_the_device_per_step(tmp_path, data, dtype, theirs):
     """Each host read of a tensor's value is a GPU sync: the host stops running ahead. Counted on CPU: a run of 2
-    epochs minus a run of 1 leaves one epoch's reads, which must not grow with its 10 steps."""
+    epochs minus a run of 1 leaves one epoch's reads (10 steps), counted by who reads."""
     import sys
 
     from tests.helpers import SCRIPT, cli_env, run_bounded
@@ -395,10 +432,15 @@ def test_the_speed_preset_reads_nothing_back_from_the_device_per_step(tmp_path, 
     for epochs in (1, 2):
         cmd = [sys.executable, "-c", COUNT_READS, str(SCRIPT), "--deepspeed_config", str(ROOT / "configs" / "speedrun94.json"),
                "--data-dir", str(data), "--output-dir", str(tmp_path / f"e{epochs}"), "--quiet",
-               "--set", f"trainer.epochs={epochs}", "--set", "train_batch_size=20", "--set", "trainer.data.download=false"]
+               "--set", f"trainer.epochs={epochs}", "--set", "train_batch_size=20", "--set", "trainer.data.download=false",
+               "--set", f"torch_autocast.dtype={dtype}"]
         done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         reads.append(json.loads(done.stdout.split("READS ")[-1]))
     per_epoch = {k: reads[1].get(k, 0) - reads[0].get(k, 0) for k in reads[1]}
-    # the epoch's sums, its per-step losses, its per-step norms (one copy each), the evaluation's sums
-    assert {k: v for k, v in per_epoch.items() if v} == {"tolist": 4}
+    # ours: the epoch's sums, its per-step losses, its per-step norms and loss scales (one copy each), the
+    # evaluation's sums
+    assert {k: v for k, v in per_epoch.items() if v} == {"tolist by us": 4, **theirs}
+    if dtype == "float16":  # the scales still reach steps.jsonl
+        steps = [json.loads(line) for line in (tmp_path / "e2" / "steps.jsonl").read_text().splitlines()]
+        assert len(steps) == 20 and all(s["loss_scale"] == 65536.0 for s in steps)
