@@ -415,13 +415,15 @@ finally:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype, theirs", [
-    ("bfloat16", {}),  # the preset as it is
+@pytest.mark.parametrize("dtype, fused, theirs", [
+    ("bfloat16", False, {}),  # the preset as it is
     # a GPU without bf16 (T4, V100): torch's GradScaler reads its inf flag in step() (torch's own, one per step);
     # the loss scale the loop records stays on the device until the epoch ends
-    ("float16", {"item by torch": 10}),
+    ("float16", False, {"item by torch": 10}),
+    # ... unless the optimizer unscales and skips by itself (torch's fused SGD): the README's advice
+    ("float16", True, {}),
 ])
-def test_the_speed_preset_reads_nothing_back_from_the_device_per_step(tmp_path, data, dtype, theirs):
+def test_the_speed_preset_reads_nothing_back_from_the_device_per_step(tmp_path, data, dtype, fused, theirs):
     """Each host read of a tensor's value is a GPU sync: the host stops running ahead. Counted on CPU: a run of 2
     epochs minus a run of 1 leaves one epoch's reads (10 steps), counted by who reads."""
     import sys
@@ -433,7 +435,7 @@ def test_the_speed_preset_reads_nothing_back_from_the_device_per_step(tmp_path, 
         cmd = [sys.executable, "-c", COUNT_READS, str(SCRIPT), "--deepspeed_config", str(ROOT / "configs" / "speedrun94.json"),
                "--data-dir", str(data), "--output-dir", str(tmp_path / f"e{epochs}"), "--quiet",
                "--set", f"trainer.epochs={epochs}", "--set", "train_batch_size=20", "--set", "trainer.data.download=false",
-               "--set", f"torch_autocast.dtype={dtype}"]
+               "--set", f"torch_autocast.dtype={dtype}", *(["--set", "optimizer.params.fused=true"] if fused else [])]
         done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         reads.append(json.loads(done.stdout.split("READS ")[-1]))
