@@ -631,12 +631,12 @@ def _finish_epoch(backend: Backend, data: DeviceData, cfg: Config, info: DistInf
     t0 = clock.mark()
     val_loss, val_acc = evaluate(backend, data, augment, info, cfg.trainer.data.eval_batch_size, tta_level)
     eval_time = clock.since(t0)
-    optimizer_steps = acc.host_norms()
-    finite = [n for _, n, *_ in optimizer_steps if math.isfinite(n)]
+    stepped = acc.host_norms()  # (step, norm, lr, loss scale, skipped) of each optimizer step
+    finite = [n for _, n, *_ in stepped if math.isfinite(n)]
     rows: list[dict[str, Any]] = []
     for i, v in enumerate(losses.tolist()):
         rows.append({"step": first_step + i, "epoch": epoch + 1, "loss": v if math.isfinite(v) else None})
-    for s, n, lr, scale, *rest in optimizer_steps:
+    for s, n, lr, scale, *rest in stepped:
         row = rows[s - first_step]
         row.update(grad_norm=n if math.isfinite(n) else None, lr=lr)
         if scale is not None:
