@@ -149,7 +149,13 @@ def describe(name: str, runs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "speedrun94.json"))
-    p.add_argument("--seeds", type=int, default=10, help="counted runs (seeds 0..N-1), after one warm-up run")
+    p.add_argument("--seeds", type=int, default=10, help="counted runs (seeds K..K+N-1), after one warm-up run")
+    p.add_argument("--first-seed", type=int, default=0, metavar="K",
+                   help="the first seed (default 0): a run of N seeds split over sittings, e.g. --seeds 5 then "
+                        "--seeds 5 --first-seed 5, joined with --merge")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="REPORT.json",
+                   help="run nothing: join the runs of these --json reports (one preset, distinct seeds) into one "
+                        "report, printed and written to --json")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 as any source the trainer accepts")
     p.add_argument("--backend", choices=("auto", "deepspeed", "accelerate"), default="deepspeed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -164,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
+    if args.merge:
+        return merge(args.merge, args.json)
     if args.warmup_images is not None and args.warmup_images < 2:
         p.error("--warmup-images must be >= 2")
     args.config = str(Path(args.config).resolve())
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             if rival is not None:
                 rival.run(10**6)
             print("warm-up runs done (not counted)", flush=True)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             r = trainer_run(args, seed, scratch / f"seed{seed}")
             ours.append(r)
             print(f"seed {seed}: trainer  {100 * r['acc']:.2f}% in {r['time_s']:.2f}s", flush=True)
@@ -203,16 +211,48 @@ def main(argv: list[str] | None = None) -> int:
     report = {"config": args.config, "overrides": args.overrides, "backend": args.backend, "tta_level": tta,
               "device": ours[0]["device"], "versions": ours[0]["versions"], "train_images": ours[0]["train_images"],
               "test_images": ours[0]["test_images"],
-              "warmup_train_images": warmup and warmup["train_images"], "trainer": describe("trainer", ours)}
+              "warmup_train_images": warmup and warmup["train_images"]}
+    finish(report, ours, theirs, args.json)
+    return 0
+
+
+def finish(report: dict, ours: list[dict], theirs: list[dict], out: Path | None) -> None:
+    """Summarize the runs into the report (printed), with the comparison when airbench ran; write it to ``out``."""
+    report["trainer"] = describe("trainer", ours)
     if theirs:
         report["airbench"] = describe("airbench", theirs)
         ratio = report["trainer"]["time_mean_s"] / report["airbench"]["time_mean_s"]
         diff = report["trainer"]["acc_mean"] - report["airbench"]["acc_mean"]
         report["time_ratio"], report["acc_diff"] = ratio, diff
         print(f"trainer / airbench mean time = {ratio:.3f}; accuracy difference = {100 * diff:+.2f} points")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def merge(paths: list[Path], out: Path | None) -> int:
+    """One report from several reports of the same benchmark run in parts (--first-seed)."""
+    try:
+        reports = [json.loads(Path(path).read_text()) for path in paths]
+    except (OSError, ValueError) as e:
+        print_line(f"error: --merge: {e}")
+        return EXIT_USER_ERROR
+    same = ("config", "overrides", "backend", "tta_level", "device", "train_images", "test_images")
+    for path, r in zip(paths[1:], reports[1:]):
+        differ = [k for k in same if r.get(k) != reports[0].get(k)]
+        if differ or ("airbench" in r) != ("airbench" in reports[0]):
+            print_line(f"error: --merge: {path} is not a part of the same benchmark as {paths[0]} (it differs in "
+                       f"{', '.join(differ) or 'having airbench runs'}): merge the parts of one preset and set-up")
+            return EXIT_USER_ERROR
+    ours = [run for r in reports for run in r["trainer"]["runs"]]
+    seeds = [run["seed"] for run in ours]
+    if len(set(seeds)) < len(seeds):
+        print_line(f"error: --merge: seeds repeat across the reports ({sorted(seeds)}): run the parts with "
+                   "--first-seed so that each seed runs once")
+        return EXIT_USER_ERROR
+    report = {k: v for k, v in reports[0].items() if k not in ("trainer", "airbench", "time_ratio", "acc_diff")}
+    report["merged_from"] = [str(path) for path in paths]
+    finish(report, ours, [run for r in reports for run in r.get("airbench", {}).get("runs", [])], out)
     return 0
 
 

@@ -7,14 +7,16 @@
 #   speedrun94           configs/speedrun94.json, 10 seeds, against airbench94 on the same data (needs airbench)
 #   speedrun94_doctor    the same with the per-step stability checks on (what they cost), 10 seeds
 #   speedrun94_compile   the same with trainer.compile=true, 5 seeds (compile time reported apart)
-#   resnet18             configs/resnet18_speedrun10.json (the speedrun log's recipe), 3 seeds
+#   resnet18             configs/resnet18_speedrun10.json (the speedrun log's recipe), 10 seeds
 #   resnet18_fast        the same without the per-step checks, channels_last, 3 seeds
-#   bn_cnn               configs/bn_cnn_stable.json (the DeepSpeed write-up's recipe), 3 seeds
+#   bn_cnn               configs/bn_cnn_stable.json (the DeepSpeed write-up's recipe), 10 seeds
 #   bn_cnn_fast          the same without the per-step checks, channels_last, 3 seeds
 #
 # Each part writes OUT_DIR/PART.json (bench.py's report) and appends its output to OUT_DIR/log.txt; a part
 # that fails is logged and the next one runs. BENCH_ARGS (e.g. "--seeds 1", split on blanks) is appended to
 # every bench.py call; PYTHON picks the interpreter (default python3). Exit 1 if a part failed.
+# A part too long for one sitting runs in halves into two OUT_DIRs, BENCH_ARGS="--seeds 5" and then
+# BENCH_ARGS="--seeds 5 --first-seed 5", joined by: scripts/bench.py --merge A/PART.json B/PART.json --json PART.json
 set -uo pipefail
 if [ $# -lt 2 ]; then
     echo "usage: $0 DATA OUT_DIR [PART ...]" >&2
@@ -66,10 +68,10 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"; } > "
         speedrun94) bench "$part" --seeds 10 --vs-airbench ;;
         speedrun94_doctor) bench "$part" --seeds 10 --set trainer.stability.enabled=true ;;
         speedrun94_compile) bench "$part" --seeds 5 --set trainer.compile=true ;;
-        resnet18) bench "$part" --config "$here/configs/resnet18_speedrun10.json" --seeds 3 --warmup-images "$warm" ;;
+        resnet18) bench "$part" --config "$here/configs/resnet18_speedrun10.json" --seeds 10 --warmup-images "$warm" ;;
         resnet18_fast) bench "$part" --config "$here/configs/resnet18_speedrun10.json" --seeds 3 --warmup-images "$warm" \
                            "${fast[@]}" ;;
-        bn_cnn) bench "$part" --config "$here/configs/bn_cnn_stable.json" --seeds 3 --warmup-images "$warm" ;;
+        bn_cnn) bench "$part" --config "$here/configs/bn_cnn_stable.json" --seeds 10 --warmup-images "$warm" ;;
         bn_cnn_fast) bench "$part" --config "$here/configs/bn_cnn_stable.json" --seeds 3 --warmup-images "$warm" \
                          "${fast[@]}" ;;
     esac

@@ -211,6 +211,58 @@ def test_bench_runs_seeds_in_one_process_and_reports_cis(tmp_path, data):
     assert "airbench" not in report
     assert "trainer    n=2  accuracy" in done.stdout
 
+    # The rest of the seeds in another sitting, joined into one report of 3 seeds
+    more = tmp_path / "more.json"
+    cmd = cmd[:cmd.index("--json")] + ["--json", str(more)] + cmd[cmd.index("--json") + 2:] + ["--seeds", "1", "--first-seed",
+                                                                                              "2", "--no-warmup"]
+    done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["seed"] for r in json.loads(more.read_text())["trainer"]["runs"]] == [2]
+    joined = tmp_path / "joined.json"
+    done = run_bounded([sys.executable, str(ROOT / "scripts" / "bench.py"), "--merge", str(out), str(more),
+                        "--json", str(joined)], ROOT, cli_env(tmp_path), timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = json.loads(joined.read_text())
+    runs = runs + json.loads(more.read_text())["trainer"]["runs"]
+    assert [r["seed"] for r in merged["trainer"]["runs"]] == [0, 1, 2] and merged["trainer"]["n"] == 3
+    assert merged["trainer"]["acc_mean"] == pytest.approx(sum(r["acc"] for r in runs) / 3)
+    assert merged["config"] == report["config"] and merged["merged_from"] == [str(out), str(more)]
+    assert "trainer    n=3  accuracy" in done.stdout
+
+
+def _report(tmp_path, name, seeds, airbench=True, **changes):
+    runs = [{"seed": s, "acc": 0.93 + s / 1000, "time_s": 3.0 + s / 10} for s in seeds]
+    report = {"config": "configs/speedrun94.json", "overrides": [], "backend": "deepspeed", "tta_level": 2,
+              "device": "cuda", "train_images": 50000, "test_images": 10000, "trainer": {"runs": runs}, **changes}
+    if airbench:
+        report["airbench"] = {"runs": [{"seed": s, "acc": 0.94, "time_s": 4.0} for s in seeds]}
+    path = tmp_path / name
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_bench_merge_joins_parts_with_airbench_and_refuses_what_does_not_belong_together(tmp_path, capfd):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import main
+
+    a, b = _report(tmp_path, "a.json", [0, 1]), _report(tmp_path, "b.json", [2, 3])
+    assert main(["--merge", str(a), str(b), "--json", str(tmp_path / "ab.json")]) == 0
+    ab = json.loads((tmp_path / "ab.json").read_text())
+    assert ab["trainer"]["n"] == ab["airbench"]["n"] == 4
+    assert ab["trainer"]["time_mean_s"] == pytest.approx(3.15) and ab["airbench"]["time_mean_s"] == pytest.approx(4.0)
+    assert ab["time_ratio"] == pytest.approx(3.15 / 4.0) and ab["acc_diff"] == pytest.approx(0.9315 - 0.94)
+    capfd.readouterr()
+    for other, message in [
+        (a, "seeds repeat across the reports ([0, 0, 1, 1]): run the parts with --first-seed"),
+        (_report(tmp_path, "c.json", [2], overrides=["trainer.compile=true"]), "differs in overrides"),
+        (_report(tmp_path, "d.json", [2], airbench=False), "differs in having airbench runs"),
+    ]:
+        assert main(["--merge", str(a), str(other)]) == 2
+        err = capfd.readouterr().err
+        assert err.startswith("error: --merge: ") and message in err and err.count("\n") == 1
+    assert main(["--merge", str(tmp_path / "missing.json")]) == 2
+    assert "No such file" in capfd.readouterr().err
+
 
 @pytest.mark.slow
 def test_bench_vs_airbench_without_the_package_is_one_line(tmp_path, data):
