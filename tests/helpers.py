@@ -160,15 +160,28 @@ def accelerate_launcher(n: int, port: int) -> list[str]:
             f"--main_process_port={port}"]
 
 
-def wandb_records(run_file: Path) -> list:
-    """The protobuf records of an offline run's ``run-<id>.wandb`` file.
+def wandb_records(run_file: Path, timeout: float = 60.0) -> list:
+    """The protobuf records of an offline run's ``run-<id>.wandb`` file, once the run's ``exit`` record is in it.
 
-    The file is a 7-byte ``:W&B`` header followed by LevelDB-log records (32 KiB blocks; each chunk
-    has a 4-byte checksum, a 2-byte length and a 1-byte type: 1 full, 2 first, 3 middle, 4 last).
+    wandb's own service process writes the file and may still be writing it after ``finish()`` returned (seen once
+    in a full suite on a loaded machine: a file with its header and no records yet): wait for the run to be
+    complete, up to ``timeout`` seconds, then return what is there.
     """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_file_records(run_file.read_bytes())
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _wandb_file_records(data: bytes) -> list:
+    """A ``.wandb`` file is a 7-byte ``:W&B`` header followed by LevelDB-log records (32 KiB blocks; each chunk
+    has a 4-byte checksum, a 2-byte length and a 1-byte type: 1 full, 2 first, 3 middle, 4 last)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = run_file.read_bytes()
     assert data[:4] == b":W&B"
     records, pos, pending, block = [], 7, b"", 32768
     while pos + 7 <= len(data):
@@ -180,6 +193,8 @@ def wandb_records(run_file: Path) -> list:
         if kind == 0:  # zero padding up to the next block
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
