@@ -145,8 +145,9 @@ def run(args: argparse.Namespace) -> dict:
                                          engine.group_lrs(groups, cfg.ds["optimizer"].get("params", {})))
     master_weights = backend_name == "deepspeed" and (
         (cfg.precision != "fp32" and not cfg.autocast) or bool(cfg.ds.get("zero_optimization", {}).get("stage")))
+    blind = engine.channels_last_blind_optimizer(backend_name, cfg.ds["optimizer"], torch.cuda.is_available())
     t.channels_last = engine.resolve_channels_last(t.channels_last, torch.cuda.is_available(), cfg.precision != "fp32",
-                                                   master_weights)
+                                                   master_weights, blind)
     check_own_weights(master_weights, t.lookahead.enabled, t.channels_last)
 
     # 5. Engine: optimizer, scheduler and precision are built from the resolved config.

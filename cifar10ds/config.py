@@ -175,8 +175,9 @@ class TrainerConfig(_Section):
     )
     channels_last: bool | Literal["auto"] = Field(
         "auto", description='model and batches in channels_last memory format; "auto": on a CPU, and on a GPU when the '
-        "forward pass runs in bf16/fp16, unless DeepSpeed keeps master weights (bf16/fp16 optimizers, ZeRO); every "
-        "model here trained 1.12-1.45x faster on a 2-core CPU with it (docs/benchmarks.md)"
+        "forward pass runs in bf16/fp16, unless DeepSpeed keeps master weights (bf16/fp16 optimizers, ZeRO) or its fused "
+        "Adam runs on a CPU (it leaves channels_last weights unchanged; true is refused there); every model here "
+        "trained 1.12-1.45x faster on a 2-core CPU with it (docs/benchmarks.md)"
     )
     compile: bool | str = Field(
         False, description='torch.compile the model (DeepSpeed: engine.compile()); true = the default backend '

@@ -176,16 +176,33 @@ def check_precision(ds_config: dict[str, Any]) -> None:
             )
 
 
-def resolve_channels_last(setting: bool | str, on_gpu: bool, half_compute: bool, master_weights: bool) -> bool:
+def resolve_channels_last(setting: bool | str, on_gpu: bool, half_compute: bool, master_weights: bool,
+                          blind_optimizer: str | None = None) -> bool:
     """trainer.channels_last as a bool: "auto" turns it on where it trains faster and the engine allows it.
 
     On a CPU every model here trained 1.12-1.45x faster in channels_last (oneDNN's convolutions prefer it); on a GPU
     its gain comes with bf16/fp16 tensor cores, so fp32 stays contiguous there. An engine with master weights
-    (DeepSpeed's bf16/fp16 optimizers, ZeRO) would not see weights converted after it is built.
+    (DeepSpeed's bf16/fp16 optimizers, ZeRO) would not see weights converted after it is built. ``blind_optimizer``
+    names an optimizer that leaves channels_last weights unchanged (see ``channels_last_blind_optimizer``): "auto"
+    stays contiguous with it and an explicit true is refused.
     """
-    if setting != "auto":
-        return bool(setting)
-    return not master_weights and (half_compute or not on_gpu)
+    if setting == "auto":
+        return not master_weights and not blind_optimizer and (half_compute or not on_gpu)
+    if setting and blind_optimizer:
+        raise ConfigError(f"trainer.channels_last=true: {blind_optimizer} does not update weights stored channels_last "
+                          "(every conv weight would stay as initialised); set optimizer.params.torch_adam=true "
+                          "(torch's Adam) or trainer.channels_last=false")
+    return bool(setting)
+
+
+def channels_last_blind_optimizer(backend_name: str, opt_cfg: dict[str, Any], on_gpu: bool) -> str | None:
+    """DeepSpeed's fused Adam on a CPU (its op for Adam/AdamW unless torch_adam) updates a contiguous copy of each
+    weight that is not contiguous and drops it: a channels_last conv weight never changes (DeepSpeed 0.19.8; its
+    CUDA kernel handles channels_last). The Accelerate backend uses torch's Adam, which does."""
+    if backend_name != "deepspeed" or on_gpu or opt_cfg.get("params", {}).get("torch_adam", False):
+        return None
+    kind = str(opt_cfg.get("type", ""))
+    return f"DeepSpeed's fused {kind} on a CPU" if kind.lower() in ("adam", "adamw") else None
 
 
 def check_deepspeed_optimizer(opt_cfg: dict[str, Any]) -> None:

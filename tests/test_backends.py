@@ -143,6 +143,45 @@ def test_channels_last_auto(setting, on_gpu, half, master, expected):
     assert engine.resolve_channels_last(setting, on_gpu, half, master) is expected
 
 
+@pytest.mark.parametrize(
+    "backend, opt, on_gpu, blind",
+    [
+        ("deepspeed", {"type": "Adam", "params": {"lr": 1e-3}}, False, "DeepSpeed's fused Adam on a CPU"),
+        ("deepspeed", {"type": "AdamW"}, False, "DeepSpeed's fused AdamW on a CPU"),
+        ("deepspeed", {"type": "adam"}, False, "DeepSpeed's fused adam on a CPU"),
+        ("deepspeed", {"type": "Adam", "params": {"torch_adam": True}}, False, None),  # torch's Adam
+        ("deepspeed", {"type": "Adam"}, True, None),  # the CUDA kernel takes channels_last weights
+        ("deepspeed", {"type": "SGD"}, False, None),
+        ("accelerate", {"type": "Adam"}, False, None),  # torch's Adam
+    ],
+)
+def test_channels_last_stays_off_where_the_optimizer_would_not_update_it(backend, opt, on_gpu, blind):
+    assert engine.channels_last_blind_optimizer(backend, opt, on_gpu) == blind
+    if blind:
+        assert engine.resolve_channels_last("auto", False, False, False, blind) is False
+        assert engine.resolve_channels_last(False, False, False, False, blind) is False
+        with pytest.raises(ConfigError, match="trainer.channels_last=true: DeepSpeed's fused .* does not update weights "
+                                              "stored channels_last .* set optimizer.params.torch_adam=true"):
+            engine.resolve_channels_last(True, False, False, False, blind)
+
+
+def test_deepspeeds_cpu_adam_leaves_channels_last_weights_as_they_were():
+    """Why the rule above exists (DeepSpeed 0.19.8's CPU op updates a contiguous copy). If this starts failing,
+    DeepSpeed fixed it and ``channels_last_blind_optimizer`` can go."""
+    from deepspeed.ops.adam import FusedAdam
+
+    weights = {}
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(4, 3, 3, 3).contiguous(memory_format=fmt))
+        before = w.detach().clone()
+        w.grad = torch.ones_like(w)
+        FusedAdam([w], lr=0.1).step()
+        weights[fmt] = (w.detach() - before).abs().max().item()
+    assert weights[torch.channels_last] == 0.0
+    assert weights[torch.contiguous_format] == pytest.approx(0.1)
+
+
 TIMER_PROBE = """
 import json, sys, torch
 from cifar10ds import engine

@@ -111,6 +111,26 @@ def test_bf16_and_fractional_epochs(tmp_path, data, config):
     assert all(s["loss"] == s["loss"] and s["grad_norm"] > 0 for s in steps)  # finite
 
 
+def test_adam_on_a_cpu_trains_every_weight(tmp_path, data, config):
+    """DeepSpeed's fused Adam on a CPU would leave channels_last conv weights as initialised: "auto" keeps the
+    model contiguous with it, and every weight moves."""
+    import torch
+
+    import models
+
+    out = tmp_path / "out"
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out), "--quiet",
+                 "--set", 'optimizer={"type": "Adam", "params": {"lr": 0.001}}', "--set", "trainer.epochs=1"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary, _, _, resolved = read_run(out)
+    assert summary["channels_last"] is False and resolved["trainer"]["channels_last"] is False
+    torch.manual_seed(0)  # the run's seed: the weights it started from
+    start = models.create_model("bn_cnn").state_dict()
+    trained = torch.load(out / "model.pt")
+    moved = {k for k, v in start.items() if v.is_floating_point() and not torch.equal(v, trained[k])}
+    assert {"conv1.weight", "conv2.weight", "fc1.weight"} <= moved
+
+
 def test_torch_autocast_fp16_reports_unscaled_gradient_norms(tmp_path, data, config):
     """DeepSpeed's torch_autocast in fp16 scales the loss with torch's GradScaler: the doctor must see the
     gradients' true norm (about the bf16 run's), not one 65,536 times larger."""
@@ -177,6 +197,8 @@ def assert_user_error(r, message, ranks=1):
         (["--set", "zero_optimization.stage=7"], "zero_optimization.stage must be 0, 1, 2 or 3"),
         (["--set", 'zero_optimization.reduce_bucket_size="big"'], "DeepSpeed rejected the config"),
         (["--set", "wandb=true"], "wandb must be an object"),
+        (["--set", "optimizer={\"type\": \"Adam\", \"params\": {\"lr\": 0.001}}", "--set", "trainer.channels_last=true"],
+         "trainer.channels_last=true: DeepSpeed's fused Adam on a CPU does not update weights stored channels_last"),
         (["--set", "gradient_accumulation_steps=2", "--set", "trainer.checkpoint.every_steps=3"],
          "every_steps (3) must be a multiple of gradient_accumulation_steps (2)"),
     ],
