@@ -37,7 +37,7 @@ from pathlib import Path
 # import from the checkout; neither is installed into site-packages (see README).
 import models
 from cifar10ds.dist import release_shm_buffers
-from cifar10ds.errors import EXIT_UNSTABLE, EXIT_USER_ERROR, UserError, print_line
+from cifar10ds.errors import DOCTOR_STOPS, EXIT_UNSTABLE, EXIT_USER_ERROR, UserError, print_line
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_dist.destroy_process_group()
     if summary["stop_reason"] == "signal" and not summary["signal_exit_zero"]:
         return 128 + signal.Signals[summary["signal"]].value  # the shell's convention: 143 = SIGTERM
-    if summary["stop_reason"] in ("nonfinite", "stuck"):
+    if summary["stop_reason"] in DOCTOR_STOPS:
         return EXIT_UNSTABLE  # a result no one should mistake for a finished run
     return 0
 

@@ -5,6 +5,7 @@ Anything else is a bug and keeps its traceback.
 
 EXIT_USER_ERROR = 2
 EXIT_UNSTABLE = 3  # the stability doctor stopped the run (non-finite values, or stuck at chance)
+DOCTOR_STOPS = ("nonfinite", "stuck")  # the stop reasons that end a run with EXIT_UNSTABLE
 
 
 class UserError(Exception):

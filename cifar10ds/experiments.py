@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifar10ds.config import apply_override, read_json
+from cifar10ds.config import apply_override, load_config, read_json
 from cifar10ds.dist import free_port
-from cifar10ds.errors import ConfigError
+from cifar10ds.errors import DOCTOR_STOPS, EXIT_UNSTABLE, ConfigError
 from cifar10ds.stats import success_rate, summarize, verdict, welch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,8 @@ def _last_error(log: Path) -> str:
 
 def run_seed(config: Path, seed: int, run_dir: Path, sets: list[str], launcher: list[str],
              data_dir: str | None, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """One seed as a normal trainer run; returns its results.csv row."""
+    """One seed as a normal trainer run (from the caller's working directory, so relative paths in the
+    config and the options mean what they mean to a user running the trainer there); its results.csv row."""
     summary_file = run_dir / "summary.json"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
@@ -79,17 +80,22 @@ def run_seed(config: Path, seed: int, run_dir: Path, sets: list[str], launcher: 
         cmd += ["--data-dir", data_dir]
     log = run_dir / "log.txt"
     with open(log, "w") as out:
-        done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               env={**os.environ, **(env or {})})
-    if done.returncode == 0 and summary_file.is_file():
+    if done.returncode in (0, EXIT_UNSTABLE) and summary_file.is_file():
         return _row(seed, json.loads(summary_file.read_text()), run_dir)
     return {**{k: "" for k in FIELDS}, "seed": seed, "status": "failed", "exit_code": done.returncode,
             "output_dir": str(run_dir), "error": _last_error(log)}
 
 
 def _row(seed: int, summary: dict[str, Any], run_dir: Path, skipped: bool = False) -> dict[str, Any]:
-    row = {k: summary.get(k, "") for k in FIELDS}
+    """A finished run's row; one the stability doctor stopped (exit code 3) stays a failure when read again."""
+    row = {k: "" if summary.get(k) is None else summary[k] for k in FIELDS}
     row.update(seed=seed, status="ok", exit_code=0, output_dir=str(run_dir), error="")
+    if summary.get("stop_reason") in DOCTOR_STOPS:
+        cause = (summary.get("diagnosis") or {}).get("cause") or summary["stop_reason"]
+        row.update(status="failed", exit_code=EXIT_UNSTABLE,
+                   error=f"stopped by the stability doctor: {cause} (summary.json has the diagnosis)")
     row["skipped"] = skipped
     return row
 
@@ -98,17 +104,22 @@ def run_experiment(config: Path, seeds: list[int], out: Path, sets: list[str], l
                    nproc: int = 1, data_dir: str | None = None, target: float | None = None,
                    say: Any = print) -> list[dict[str, Any]]:
     """Run every seed (skipping finished ones), then write results.csv, report.md and the plots."""
-    raw = read_json(config)  # a malformed config stops here, before any run
+    load_config(config, sets)  # a malformed or invalid config stops here once, before any run
+    raw = read_json(config)
     for item in sets:
         apply_override(raw, item)
+    # What the runs are: an experiment folder holds runs of one configuration, or resuming it would mix two.
+    what = {"config": raw, "launcher": launcher, "nproc": nproc,
+            "data_dir": str(Path(data_dir).resolve()) if data_dir else None}
+    _check_same_experiment(out, what)
     if raw.get("wandb", {}).get("enabled") and not any(s.startswith("wandb.group=") for s in sets):
         sets = [*sets, f"wandb.group={out.name}"]  # the runs of one experiment share a wandb group
     prefix = launcher_command(launcher, nproc)
     out.mkdir(parents=True, exist_ok=True)
     _write_manifest(out, raw, nproc)
     (out / "experiment.json").write_text(json.dumps({
-        "config": str(config), "sets": sets, "seeds": seeds, "launcher": launcher, "nproc": nproc,
-        "data_dir": data_dir, "target": target, "command": [sys.executable, *sys.argv],
+        "config": str(config.resolve()), "sets": sets, "seeds": seeds, "launcher": launcher, "nproc": nproc,
+        "data_dir": data_dir, "target": target, "command": [sys.executable, *sys.argv], "runs": what,
     }, indent=2) + "\n")
     rows = []
     for seed in seeds:
@@ -117,12 +128,31 @@ def run_experiment(config: Path, seeds: list[int], out: Path, sets: list[str], l
         rows.append(row)
         if row["status"] == "ok":
             note = "already done" if row.get("skipped") else f"{time.perf_counter() - start:.1f}s"
-            say(f"seed {seed}: final val_acc {100 * float(row['final_val_acc']):.2f}% ({note})")
+            say(f"seed {seed}: final val_acc {_percent(row['final_val_acc'])} ({note})")
         else:
             say(f"seed {seed}: FAILED (exit {row['exit_code']}): {row['error']}")
     write_results(out, rows)
     report(out, target, say)
     return rows
+
+
+def _check_same_experiment(out: Path, what: dict[str, Any]) -> None:
+    meta_file = out / "experiment.json"
+    before = json.loads(meta_file.read_text()).get("runs") if meta_file.is_file() else None
+    if before is None or before == what:
+        return
+    changed = _differences(before, what)
+    raise ConfigError(f"{out} holds runs of another configuration ({'; '.join(changed[:3])}"
+                      f"{'; ...' if len(changed) > 3 else ''}): give this one its own --out (the same command "
+                      "resumes an experiment; more seeds may be added to it)")
+
+
+def _differences(old: Any, new: Any, key: str = "") -> list[str]:
+    """``key: old -> new`` for each dotted key whose value differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k, "(absent)"), new.get(k, "(absent)"), f"{key}.{k}" if key else k)]
+    return [] if old == new else [f"{key.removeprefix('config.')}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
 def _write_manifest(out: Path, config: dict[str, Any], nproc: int) -> None:
@@ -170,6 +200,11 @@ def _ok(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r["status"] == "ok" and r[key] not in ("", None)]
 
 
+def _percent(value: Any) -> str:
+    """An accuracy from a row (a fraction; empty when no epoch finished) as a percentage."""
+    return "n/a" if value in ("", None) else f"{100 * float(value):.2f}%"
+
+
 def _fmt(s: Any, scale: float = 1.0, digits: int = 2) -> str:
     if s.n < 2:
         return f"{scale * s.mean:.{digits}f} (n=1)"
@@ -192,7 +227,7 @@ def report(out: Path, target: float | None = None, say: Any = print) -> str:
     meta = json.loads((out / "experiment.json").read_text()) if (out / "experiment.json").is_file() else {}
     target = target if target is not None else meta.get("target")
     st = stats_table(rows, target)
-    manifest = _first_manifest(rows)
+    manifest = _first_manifest(out, rows)
     lines = [f"## Experiment: {out.name}", "",
              "- **Hypothesis**: (what this experiment tests)",
              f"- **Config**: `{meta.get('config', '?')}`"
@@ -217,8 +252,8 @@ def report(out: Path, target: float | None = None, say: Any = print) -> str:
               "|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] == "ok":
-            lines.append(f"| {r['seed']} | ok | {100 * float(r['final_val_acc']):.2f}% | "
-                         f"{100 * float(r['best_val_acc']):.2f}% | {float(r['train_time_s']):.1f} | {r['stop_reason']} |")
+            lines.append(f"| {r['seed']} | ok | {_percent(r['final_val_acc'])} | {_percent(r['best_val_acc'])} | "
+                         f"{float(r['train_time_s']):.1f} | {r['stop_reason']} |")
         else:
             lines.append(f"| {r['seed']} | **failed** (exit {r['exit_code']}) | | | | {r['error']} |")
     text = "\n".join(lines) + "\n"
@@ -264,9 +299,9 @@ def _report_to_wandb(out: Path, meta: dict[str, Any], st: dict[str, Any], say: A
         say(f"warning: wandb report failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the files are written")
 
 
-def _first_manifest(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    for r in rows:
-        path = Path(r["output_dir"]) / "manifest.json"
+def _first_manifest(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's manifest (the device it trained on), else the experiment's own (where the runner ran)."""
+    for path in [Path(r["output_dir"]) / "manifest.json" for r in rows] + [out / "manifest.json"]:
         if path.is_file():
             return json.loads(path.read_text())
     return {}

@@ -80,6 +80,55 @@ def test_a_failed_seed_is_reported_and_the_rest_run(tmp_path, config, data, monk
 
 
 @pytest.mark.slow
+def test_a_seed_the_doctor_stopped_stays_failed_and_the_experiment_keeps_its_config(tmp_path, config, data, monkeypatch):
+    monkeypatch.setenv("CIFAR10DS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CIFAR10DS_FAULT", "nan@2")  # the loss of step 2 is NaN: the doctor stops the run (exit 3)
+    out, sets = tmp_path / "exp", ["trainer.stability.on_nonfinite=stop"]
+    for _ in range(2):  # the second time it reads the seed's summary instead of training it again
+        said = []
+        rows = experiments.run_experiment(config, [0], out, sets, data_dir=str(data), say=said.append)
+        assert (rows[0]["status"], rows[0]["exit_code"], rows[0]["final_val_acc"]) == ("failed", 3, "")
+        assert rows[0]["error"] == ("stopped by the stability doctor: nonfinite_loss (summary.json has the "
+                                    "diagnosis)")
+        assert said[0].startswith("seed 0: FAILED (exit 3): stopped by the stability doctor")
+        assert "Seeds**: 1 (0 finished, 1 failed)" in (out / "report.md").read_text()
+    assert said[-1] == "exp: no run finished (1 failed)"
+    # Another configuration in the same folder would be mixed with these runs: refused before any run.
+    with pytest.raises(ConfigError, match=r"exp holds runs of another configuration \(optimizer.params.lr: 0.05 -> "
+                                          r"0.01\): give this one its own --out"):
+        experiments.run_experiment(config, [0, 1], out, [*sets, "optimizer.params.lr=0.01"], data_dir=str(data))
+    # An invalid --set stops once, before the first seed (not once per seed).
+    with pytest.raises(ConfigError, match="trainer.epochs"):
+        experiments.run_experiment(config, [0, 1], tmp_path / "bad", ["trainer.epochs=-1"], data_dir=str(data))
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_relative_paths_are_the_callers(tmp_path, data):
+    """From any working directory, --config, --out and --data-dir mean what they mean there."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, cli_env
+
+    here = tmp_path / "work"
+    here.mkdir()
+    (here / "c.json").write_text(json.dumps(CONFIG))
+    shutil.copytree(data, here / "mydata")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "experiment.py"), "run", "--config", "c.json",
+                        "--seeds", "1", "--out", "exp", "--data-dir", "mydata"], cwd=here, env=cli_env(tmp_path),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((here / "exp" / "runs" / "seed-0000" / "summary.json").read_text())
+    assert summary["final_val_acc"] > 0
+    resolved = json.loads((here / "exp" / "runs" / "seed-0000" / "config.json").read_text())
+    assert (here / resolved["trainer"]["data"]["dir"]).resolve() == (here / "mydata").resolve()
+    meta = json.loads((here / "exp" / "experiment.json").read_text())
+    assert meta["config"] == str((here / "c.json").resolve())  # `experiment.py report` works from anywhere
+
+
+@pytest.mark.slow
 def test_sweep_two_values_two_seeds(tmp_path, config, data, monkeypatch):
     monkeypatch.setenv("CIFAR10DS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sweep"
