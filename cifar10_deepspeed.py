@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "PATH: that checkpoint (or checkpoints folder), which must be intact")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines, no progress bar")
     p.add_argument("--list-models", action="store_true", help="print the registered models and their parameter counts")
+    # DeepSpeed's examples pass --deepspeed (deepspeed.add_config_arguments): accepted; DeepSpeed is always the engine
+    # unless --backend says otherwise.
+    p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     # Added by the deepspeed launcher; rank comes from the environment instead.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -353,6 +353,10 @@ def check_deepspeed_keys(ds: dict[str, Any], path: Path | str) -> None:
         raise ConfigError(f'{path}: optimizer must be an object like {{"type": "SGD", "params": {{"lr": 0.01}}}}')
     if not isinstance(opt.get("params", {}), dict):
         raise ConfigError(f"{path}: optimizer.params must be an object")
+    for key in ("lr", "weight_decay", "momentum", "dampening", "eps"):
+        value = opt.get("params", {}).get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: optimizer.params.{key} must be a number (got {value!r})")
     sched = ds.get("scheduler")
     if sched is not None:
         if not (isinstance(sched, dict) and sched.get("type") in SCHEDULERS):
@@ -438,6 +442,11 @@ def resolve_schedule(ds: dict[str, Any], trainer: TrainerConfig, micro_steps_per
     # extrapolating past it (below zero, on short runs).
     fill = {"total_num_steps": total, "warmup_num_steps": warmup, "cycle_first_step_size": max(1, total // 2),
             "total_steps": total + 1}
+    if sched["type"] == "OneCycleLR" and params.get("total_steps", AUTO) not in (AUTO, None) and (
+            not isinstance(params["total_steps"], int) or params["total_steps"] < total + 1):
+        raise ConfigError(f"scheduler.params.total_steps={params['total_steps']!r}: OneCycleLR stops the run with an "
+                          f"error after that many steps, and this run takes {total} (+1 for its final lr); set it to "
+                          f'"auto" or at least {total + 1}')
     if sched["type"] == "OneCycleLR" and params.get("max_lr", AUTO) == AUTO:
         lrs = group_lrs or [ds["optimizer"].get("params", {}).get("lr", 0.001)]
         params["max_lr"] = lrs[0] if len(lrs) == 1 else list(lrs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import logging
 import math
 import os
@@ -222,6 +223,40 @@ def check_deepspeed_optimizer(opt_cfg: dict[str, Any]) -> None:
         raise ConfigError(f"optimizer.params for {kind}: {e}") from None
 
 
+def check_scheduler(sched: dict[str, Any] | None) -> None:
+    """What the scheduler's constructor would only find out inside the engine's start-up (a traceback): an unknown
+    or missing parameter, or something else where it takes a number. Both backends take DeepSpeed's names."""
+    if not sched:
+        return
+    kind, params = sched["type"], sched.get("params", {})
+    if kind == "OneCycleLR":
+        cls: Any = torch.optim.lr_scheduler.OneCycleLR
+    else:
+        try:
+            from deepspeed.runtime import lr_schedules
+        except ImportError:  # the Accelerate backend without DeepSpeed: its own classes check what they read
+            return
+        cls = getattr(lr_schedules, kind)
+    own = {n: p for n, p in inspect.signature(cls).parameters.items()
+           if n not in ("optimizer", "last_batch_iteration", "last_epoch", "verbose")}
+    unknown = sorted(set(params) - set(own))
+    if unknown:
+        raise ConfigError(f"scheduler.params.{unknown[0]}: not a parameter of {kind}; it takes {', '.join(own)}")
+    missing = [n for n, p in own.items() if p.default is inspect.Parameter.empty and n not in params]
+    if missing:
+        raise ConfigError(f"scheduler.params.{missing[0]}: {kind} needs it (a number)")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for name, value in params.items():
+        default, annotation = own[name].default, str(own[name].annotation)
+        takes_number = number(default) or annotation.startswith(("float", "int", "<class 'float'>", "<class 'int'>"))
+        ok = number(value) or (isinstance(value, list) and all(map(number, value))) or (value is None and default is None)
+        if takes_number and not ok:
+            raise ConfigError(f"scheduler.params.{name} must be a number (got {value!r})")
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -244,6 +279,21 @@ class DeepSpeedBackend(Backend):
             engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
         except (deepspeed.DeepSpeedConfigError, ValidationError) as e:
             raise ConfigError(f"DeepSpeed rejected the config: {' '.join(str(e).split())[:400]}") from None
+        except AssertionError as e:  # DeepSpeed asserts its ZeRO optimizer check
+            if "zero_allow_untested_optimizer" not in str(e):
+                raise
+            raise ConfigError(f"zero_optimization.stage={ds_config['zero_optimization']['stage']} with optimizer "
+                              f"{ds_config['optimizer']['type']}: DeepSpeed has not tested ZeRO with it; set "
+                              "zero_allow_untested_optimizer=true to use it anyway, or use optimizer Adam or AdamW"
+                              ) from None
+        except ValueError as e:  # DeepSpeed's fused optimizers that have no kernel on this accelerator
+            if "not been implemented" not in str(e):
+                raise
+            from deepspeed.accelerator import get_accelerator
+
+            raise ConfigError(f"optimizer.type={ds_config['optimizer']['type']}: DeepSpeed has no kernel for it on "
+                              f"this device ({get_accelerator().device_name()}); use Adam, AdamW, SGD or another torch.optim "
+                              "class") from None
         self.engine = engine
         if engine.dp_world_size == 1 and not engine.zero_optimization():
             # Averaging the gradients over a world of one changes nothing, yet the engine still
@@ -610,6 +660,7 @@ def build_backend(name: str, model: nn.Module, ds_config: dict[str, Any], warn: 
     converted after; Accelerate's DistributedDataParallel gets it converted, so its gradient buckets follow
     the weights' layout from the start.
     """
+    check_scheduler(ds_config.get("scheduler"))
     if name == "deepspeed":
         backend: Backend = DeepSpeedBackend(model, ds_config, groups)
         if channels_last:

@@ -199,6 +199,18 @@ def assert_user_error(r, message, ranks=1):
         (["--set", "wandb=true"], "wandb must be an object"),
         (["--set", "optimizer={\"type\": \"Adam\", \"params\": {\"lr\": 0.001}}", "--set", "trainer.channels_last=true"],
          "trainer.channels_last=true: DeepSpeed's fused Adam on a CPU does not update weights stored channels_last"),
+        (["--set", "optimizer.params.lr=0.1O"], "optimizer.params.lr must be a number (got '0.1O')"),
+        (["--set", "scheduler.params.bogus=1"], "scheduler.params.bogus: not a parameter of WarmupCosineLR; it takes "
+                                                "total_num_steps, warmup_min_ratio"),
+        (["--set", 'scheduler={"type": "WarmupLR", "params": {"warmup_max_lr": "x"}}'],
+         "scheduler.params.warmup_max_lr must be a number (got 'x')"),
+        (["--set", 'scheduler={"type": "OneCycleLR", "params": {"max_lr": 0.1, "total_steps": 10}}'],
+         "scheduler.params.total_steps=10: OneCycleLR stops the run with an error after that many steps, and this run "
+         "takes 30 (+1 for its final lr)"),
+        (["--set", "zero_optimization.stage=1"], "zero_optimization.stage=1 with optimizer SGD: DeepSpeed has not "
+                                                 "tested ZeRO with it; set zero_allow_untested_optimizer=true"),
+        (["--set", 'optimizer={"type": "Lamb", "params": {"lr": 0.01}}'],
+         "optimizer.type=Lamb: DeepSpeed has no kernel for it on this device (cpu)"),
         (["--set", "gradient_accumulation_steps=2", "--set", "trainer.checkpoint.every_steps=3"],
          "every_steps (3) must be a multiple of gradient_accumulation_steps (2)"),
     ],
@@ -245,8 +257,8 @@ def test_list_models(tmp_path):
     assert rows["resnet18"].strip() == "11,173,962 params"
 
 
-def test_default_output_dir_and_local_rank_flag(tmp_path, data, config):
-    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--local_rank=0", "--quiet",
+def test_default_output_dir_and_deepspeeds_flags(tmp_path, data, config):
+    r = run_cli(["--deepspeed", "--deepspeed_config", str(config), "--data-dir", str(data), "--local_rank=0", "--quiet",
                  "--set", "trainer.epochs=0.2"], tmp_path, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     runs = list((tmp_path / "runs").iterdir())
