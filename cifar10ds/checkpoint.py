@@ -87,8 +87,10 @@ def verify(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(marker.read_text())
         files = meta["files"]
-    except (json.JSONDecodeError, KeyError, OSError) as e:
+    except (json.JSONDecodeError, KeyError, OSError, TypeError) as e:
         raise ConfigError(f"checkpoint {path}: unreadable {MARKER} ({e})") from None
+    if not isinstance(files, dict) or not files:
+        raise ConfigError(f"checkpoint {path}: its {MARKER} lists no files (not written by this trainer)")
     for name, want in files.items():
         f = path / name
         if not f.is_file():
@@ -106,9 +108,18 @@ def committed(ckpt_dir: Path) -> list[Path]:
     return sorted(tags, key=lambda p: int(_TAG_RE.match(p.name).group(1)))
 
 
+def _lists_files(path: Path) -> bool:
+    try:
+        files = json.loads((path / MARKER).read_text()).get("files")
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return False
+    return isinstance(files, dict) and bool(files)
+
+
 def find_resume(ckpt_dir: Path, warn: Any = print) -> Found | None:
-    """The newest committed checkpoint that verifies; corrupt newer ones are skipped with a warning."""
-    for path in reversed(committed(ckpt_dir)):
+    """The newest committed checkpoint that verifies; corrupt or uncommitted newer ones are skipped with a warning."""
+    steps = [p for p in ckpt_dir.iterdir() if p.is_dir() and _TAG_RE.match(p.name)] if ckpt_dir.is_dir() else []
+    for path in sorted(steps, key=lambda p: int(_TAG_RE.match(p.name).group(1)), reverse=True):
         try:
             return Found(path, verify(path))
         except ConfigError as e:
@@ -119,7 +130,12 @@ def find_resume(ckpt_dir: Path, warn: Any = print) -> Found | None:
 def resolve_resume(arg: str, ckpt_dir: Path, warn: Any = print) -> Found | None:
     """``--resume auto`` (newest good one in ckpt_dir, or None) or ``--resume PATH`` (must be good)."""
     if arg == "auto":
-        return find_resume(ckpt_dir, warn)
+        found = find_resume(ckpt_dir, warn)
+        if found is None and committed(ckpt_dir):  # starting fresh would overwrite that run's files
+            raise ConfigError(f"--resume auto: no committed checkpoint in {ckpt_dir} is intact (see the warnings "
+                              "above); resume one with --resume PATH once repaired, or start over in another "
+                              "--output-dir")
+        return found
     path = Path(arg)
     if path.is_dir() and not (path / MARKER).exists() and committed(path):
         found = find_resume(path, warn)  # PATH is a checkpoints folder
@@ -137,7 +153,7 @@ def rotate(ckpt_dir: Path, keep_last: int, protect: set[str]) -> list[str]:
         if p.is_dir() and p.name.startswith(TMP_PREFIX):
             shutil.rmtree(p, ignore_errors=True)
             deleted.append(p.name)
-    done = committed(ckpt_dir)
+    done = [p for p in committed(ckpt_dir) if _lists_files(p)]  # a foreign or broken marker is not a checkpoint
     for p in done[: max(0, len(done) - keep_last)]:
         if p.name not in protect:
             shutil.rmtree(p, ignore_errors=True)

@@ -61,6 +61,33 @@ def test_uncommitted_and_missing(tmp_path):
     assert ckpt.resolve_resume("auto", tmp_path / "empty") is None
 
 
+def test_resume_auto_never_starts_over_a_run_whose_checkpoints_are_all_damaged(tmp_path):
+    for step in (10, 20):
+        blob = fake_save(tmp_path, step) / "mp_rank_00_model_states.pt"
+        blob.write_bytes(b"x")
+    warnings = []
+    with pytest.raises(ConfigError, match=r"--resume auto: no committed checkpoint in .* is intact \(see the warnings "
+                                          r"above\); resume one with --resume PATH once repaired, or start over"):
+        ckpt.resolve_resume("auto", tmp_path, warn=warnings.append)
+    assert [w.split(":")[0] for w in warnings] == ["warning", "warning"] and "step00000020" in warnings[0]
+
+
+def test_foreign_markers_and_uncommitted_folders(tmp_path):
+    for step in (10, 20):
+        fake_save(tmp_path, step)
+    for step, marker in ((30, {"files": {}}), (40, {})):  # markers this trainer never writes
+        (tmp_path / ckpt.tag_for(step)).mkdir()
+        (tmp_path / ckpt.tag_for(step) / ckpt.MARKER).write_text(json.dumps(marker))
+    uncommitted = tmp_path / ckpt.tag_for(50)
+    uncommitted.mkdir()
+    warnings = []
+    assert ckpt.find_resume(tmp_path, warn=warnings.append).path.name == "step00000020"
+    assert [w.split(": ", 2)[1].split("/")[-1] for w in warnings] == ["step00000050 is not committed (COMMITTED.json "
+                                                                       "missing)", "step00000040", "step00000030"]
+    assert "lists no files" in warnings[2]
+    assert ckpt.rotate(tmp_path, keep_last=2, protect=set()) == []  # the two real ones are kept
+
+
 def test_resume_path_may_be_the_checkpoints_folder(tmp_path):
     fake_save(tmp_path, 10)
     fake_save(tmp_path, 20)
