@@ -14,6 +14,7 @@ md5 and extracted (refusing any path that would leave the target folder).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -263,6 +264,12 @@ def _from_folders(source: Path, images: dict[tuple[str, str], list[tuple[str, by
     if set(test_classes) - set(classes):
         extra = ", ".join(sorted(set(test_classes) - set(classes)))
         raise DataError(f"{source}: test/ has classes that train/ lacks: {extra}")
+    if set(classes) - set(test_classes):  # evaluation would skip them without a word
+        missing = ", ".join(sorted(set(classes) - set(test_classes)))
+        raise DataError(f"{source}: test/ has no images of {missing}; every class in train/ needs test images")
+    if len(classes) != len(CLASSES):  # the labels (sorted folder names) would mean other classes than intended
+        raise DataError(f"{source}: train/ holds {len(classes)} classes with images ({', '.join(classes)}); CIFAR-10 "
+                        f"has {len(CLASSES)} ({', '.join(CLASSES)}): add the missing folder or remove the extra one")
 
     def split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
@@ -322,7 +329,8 @@ def _write_cache(cache: Path, data: Cifar10) -> None:
         torch.save(blob, tmp)
         tmp.replace(cache)
     except (OSError, RuntimeError):  # a full disk surfaces as RuntimeError from torch.save
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. a cache_dir below a file: there is no tmp to remove
+            tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------- subsets

@@ -129,6 +129,32 @@ def test_corrupt_image_is_named(tmp_path):
         load_cifar10(root, download=False)
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("rm test/cat", r"test/ has no images of cat; every class in train/ needs test images"),
+        ("rm train/cat test/cat", r"train/ holds 9 classes with images \(airplane, .*\); CIFAR-10 has 10"),
+        ("add kitten", r"train/ holds 11 classes with images \(.*kitten.*\); CIFAR-10 has 10 .*: add the missing "
+                       r"folder or remove the extra one"),
+        ("add test/kitten", r"test/ has classes that train/ lacks: kitten"),
+    ],
+)
+def test_a_tree_with_other_classes_is_refused(tmp_path, change, message):
+    """A missing or extra class folder would shift the labels of the classes after it, or leave a class out of the
+    evaluation, with nothing to show for it but a model with 9 or 11 outputs."""
+    import shutil
+
+    root = write_folder(tmp_path / "tree", TRAIN, TEST)
+    verb, *where = change.split()
+    for rel in where if verb == "rm" else []:
+        shutil.rmtree(root / rel)
+    if verb == "add":
+        for split in ("train", "test") if where[0] == "kitten" else ["test"]:
+            shutil.copytree(root / split / "cat", root / split / "kitten")
+    with pytest.raises(DataError, match=message):
+        load_cifar10(root, download=False)
+
+
 def test_wrong_image_size_is_named(tmp_path):
     root = write_folder(tmp_path / "tree", TRAIN, TEST)
     (root / "test" / "dog" / "0005.png").write_bytes(png_bytes(np.zeros((28, 30, 3), np.uint8)))
@@ -171,6 +197,13 @@ def test_decoded_once_then_cached(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("CIFAR10DS_CACHE", str(tmp_path / "cache"))
     assert len(load_cifar10(root, download=False).train_y) == 29
+
+
+def test_a_cache_that_cannot_be_written_costs_only_a_decode(tmp_path):
+    root = write_folder(tmp_path / "tree", TRAIN, TEST)
+    (tmp_path / "plain.txt").write_text("a file where the cache folder would go")
+    for _ in range(2):
+        assert len(load_cifar10(root, download=False, cache_dir=tmp_path / "plain.txt" / "cache").train_y) == 30
 
 
 @pytest.mark.parametrize("limit, per_class", [(100, [10] * 10), (25, [3] * 5 + [2] * 5), (None, [50] * 10)])
