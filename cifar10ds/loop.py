@@ -450,6 +450,7 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                      f"lr x{scale:g} (rollback {seen.rollbacks} of {t.stability.max_rollbacks})")
 
     stop_reason, signum = "completed", 0
+    epoch_save_due = False  # an epoch's checkpoint that waits for the end of an accumulation window
     if monitor is not None and t.stability.on_nonfinite == "rollback" and resume is None:
         save("start")  # something to roll back to before the first epoch ends
     try:
@@ -511,14 +512,16 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                 signum = signals.agreed() if progress.step % accumulation == 0 else 0
                 every = t.checkpoint.every_steps
                 stopping = signum or doctor in (STOP, ROLLBACK)
-                if stopping or (every and progress.step % every == 0 and b + 1 < steps):
+                epoch_save_now = epoch_save_due and progress.step % accumulation == 0
+                if stopping or (((every and progress.step % every == 0) or epoch_save_now) and b + 1 < steps):
                     seconds = clock.since(t0)
                     acc.time += seconds
                     progress.train_time += seconds
                     progress.partial = acc.to_plain()
                     if stopping:
                         break
-                    save("every_steps")
+                    save("epoch" if epoch_save_now else "every_steps")
+                    epoch_save_due = False
                     t0 = clock.mark()  # time spent saving is not training time
             if bar is not None:
                 bar.close()
@@ -574,8 +577,13 @@ def train(backend: Backend, data: DeviceData, cfg: Config, info: DistInfo, repor
                 progress.best_tag = ckpt.tag_for(progress.step)
                 save("best")
             elif every and (progress.epoch % every == 0 or stop or progress.epoch == n_epochs):
-                if progress.step % accumulation == 0:  # else the next boundary-aligned epoch saves
+                # Mid-window (the epoch's micro steps are not a multiple of the accumulation), a checkpoint could
+                # not continue the window: it is taken at the next optimizer step, or now when nothing follows.
+                if progress.step % accumulation == 0 or stop or progress.epoch == n_epochs:
                     save("epoch")
+                    epoch_save_due = False
+                else:
+                    epoch_save_due = True
             if stop:
                 stop_reason = reason
                 if reason != "stuck":

@@ -81,6 +81,32 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, config, data, ran
     assert_same_run(straight, out, steps=80 if extra else 40)
 
 
+def test_epochs_that_end_inside_an_accumulation_window_still_get_their_checkpoints(tmp_path, config, data):
+    """34 micro steps an epoch, 4 per optimizer step: epoch 1 ends mid-window, so its checkpoint is taken at the next
+    optimizer step (36); epoch 2 ends on one (68); the last epoch ends mid-window and nothing follows (102). A run
+    killed in epoch 2 resumes from step 36 and equals the uninterrupted run."""
+    ga = ["--set", "train_batch_size=24", "--set", "gradient_accumulation_steps=4", "--set", "trainer.epochs=3",
+          "--set", "trainer.checkpoint.keep_last=5"]
+    straight = tmp_path / "straight"
+    r = launch(tmp_path, config, data, straight, *ga)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tags = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    assert tags == ["step00000036", "step00000068", "step00000102"]
+    marker = json.loads((straight / "checkpoints" / "step00000036" / "COMMITTED.json").read_text())
+    assert (marker["reason"], marker["step_in_epoch"]) == ("epoch", 2)
+    r = launch(tmp_path, config, data, straight, "--resume", "auto", *ga)  # a finished run stays finished
+    assert r.returncode == 0 and "starting fresh" not in r.stderr and len(metrics(straight)) == 3
+    out = tmp_path / "interrupted"
+    assert launch(tmp_path, config, data, out, *ga, fault="sigkill@50").returncode == -signal.SIGKILL
+    r = launch(tmp_path, config, data, out, "--resume", "auto", *ga)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step00000036")
+    for x, y in zip(metrics(straight), metrics(out), strict=True):
+        assert {k: x[k] for k in SAME} == {k: y[k] for k in SAME}
+    a, b = torch.load(straight / "model.pt", weights_only=True), torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_lookahead_resumes_from_an_epoch_end_checkpoint_exactly(tmp_path, config, data):
     """An epoch ends between two Lookahead blends: its checkpoint holds the average (what was evaluated) and
     the weights training goes on from; a run killed in the next epoch and resumed equals an uninterrupted one."""
