@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 import typing
@@ -51,7 +52,7 @@ def _type_name(annotation: typing.Any) -> str:
     args = typing.get_args(annotation)
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
-        return " \\| ".join(f'`"{a}"`' for a in args)
+        return " \\| ".join(f"`{json.dumps(a)}`" for a in args)  # 0 stays 0, "auto" stays "auto"
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return " or ".join(_type_name(a) for a in inner) + (" or null" if len(inner) < len(args) else "")
