@@ -158,6 +158,8 @@ def run(args: argparse.Namespace) -> dict:
         if info.is_main:
             print(message, file=sys.stderr, flush=True)
 
+    for message in config_mod.deepspeed_key_typos(cfg.ds):
+        warn_main(message)
     params = models.count_params(model)  # before the engine: ZeRO-3 partitions the parameters
     backend = engine.build_backend(backend_name, model, cfg.ds, warn=warn_main, groups=groups,
                                    channels_last=t.channels_last)

@@ -366,6 +366,30 @@ def check_deepspeed_keys(ds: dict[str, Any], path: Path | str) -> None:
             raise ConfigError(f"{path}: scheduler.params must be an object")
 
 
+def deepspeed_key_typos(ds: dict[str, Any]) -> list[str]:
+    """Top-level keys DeepSpeed does not know that look like one it does (``train_batch_sizee``): DeepSpeed ignores
+    unknown keys without a word. Keys that resemble none are left alone (a newer DeepSpeed may know them)."""
+    import difflib
+
+    try:
+        from deepspeed.runtime import constants
+    except ImportError:
+        return []
+    known = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str) and v.isidentifier()}
+    known |= {"zero_optimization", "wandb", "timers", "flops_profiler", "tensorboard", "csv_monitor", "comet",
+              "activation_checkpointing", "comms_logger", "compile", "aio", "autotuning", "elasticity",
+              "data_efficiency", "curriculum_learning", "pipeline", "sparse_attention", "nebula", "amp",
+              "compression_training", "quantize_training", "monitor_config", "hybrid_engine", "weight_quantization",
+              "trainer"}
+    found = []
+    for key in ds:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.85)
+            if close:
+                found.append(f"warning: {key}: not a DeepSpeed key (did you mean {close[0]}?); DeepSpeed ignores it")
+    return found
+
+
 # ---------------------------------------------------------------------------- resolving "auto"
 
 

@@ -242,3 +242,17 @@ def test_a_null_deepspeed_key_is_left_out(tmp_path):
     assert "scheduler" not in loaded.ds and loaded.ds["gradient_clipping"] == DEEPSPEED_GRADIENT_CLIPPING_DEFAULT
     with pytest.raises(ConfigError, match='an "optimizer" is required'):
         load_config(write(tmp_path, cfg), ["optimizer=null"])
+
+
+def test_a_deepspeed_key_with_a_typo_is_named():
+    """DeepSpeed ignores keys it does not know; one that looks like a key it knows is most likely a typo."""
+    from cifar10ds.config import deepspeed_key_typos
+
+    ds = {"train_batch_sizee": 64, "zero_optimisation": {"stage": 1}, "bfloat16": {"enabled": True},
+          "gradient_clipping": 1.0, "trainer": {}, "a_key_from_a_newer_deepspeed": 1}
+    assert deepspeed_key_typos(ds) == [
+        "warning: train_batch_sizee: not a DeepSpeed key (did you mean train_batch_size?); DeepSpeed ignores it",
+        "warning: zero_optimisation: not a DeepSpeed key (did you mean zero_optimization?); DeepSpeed ignores it",
+    ]
+    for preset in ["ds_config.json", *sorted(str(p) for p in (ROOT / "configs").glob("*.json"))]:
+        assert deepspeed_key_typos(json.loads((ROOT / preset).read_text())) == [], preset
