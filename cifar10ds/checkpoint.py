@@ -77,8 +77,9 @@ class Found:
     meta: dict[str, Any]
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """The commit marker of checkpoint ``path`` if every file it lists is intact; else ConfigError."""
+def read_marker(path: Path) -> dict[str, Any]:
+    """The commit marker of checkpoint ``path`` (not yet checked against the files); ConfigError if it is missing,
+    unreadable or lists no files."""
     marker = path / MARKER
     if not path.is_dir():
         raise ConfigError(f"checkpoint {path} does not exist")
@@ -91,7 +92,13 @@ def verify(path: Path) -> dict[str, Any]:
         raise ConfigError(f"checkpoint {path}: unreadable {MARKER} ({e})") from None
     if not isinstance(files, dict) or not files:
         raise ConfigError(f"checkpoint {path}: its {MARKER} lists no files (not written by this trainer)")
-    for name, want in files.items():
+    return meta
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """The commit marker of checkpoint ``path`` if every file it lists is intact; else ConfigError."""
+    meta = read_marker(path)
+    for name, want in meta["files"].items():
         f = path / name
         if not f.is_file():
             raise ConfigError(f"checkpoint {path}: {name} is missing")
@@ -106,14 +113,6 @@ def committed(ckpt_dir: Path) -> list[Path]:
         return []
     tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and _TAG_RE.match(p.name) and (p / MARKER).is_file()]
     return sorted(tags, key=lambda p: int(_TAG_RE.match(p.name).group(1)))
-
-
-def _lists_files(path: Path) -> bool:
-    try:
-        files = json.loads((path / MARKER).read_text()).get("files")
-    except (json.JSONDecodeError, OSError, AttributeError):
-        return False
-    return isinstance(files, dict) and bool(files)
 
 
 def find_resume(ckpt_dir: Path, warn: Any = print) -> Found | None:
@@ -145,6 +144,14 @@ def resolve_resume(arg: str, ckpt_dir: Path, warn: Any = print) -> Found | None:
     return Found(path, verify(path))
 
 
+def _readable(path: Path) -> bool:
+    try:
+        read_marker(path)
+    except ConfigError:
+        return False
+    return True
+
+
 def rotate(ckpt_dir: Path, keep_last: int, protect: set[str]) -> list[str]:
     """Delete committed checkpoints beyond the newest ``keep_last`` (never those in ``protect``),
     and leftovers of interrupted saves. Returns the deleted names."""
@@ -153,7 +160,7 @@ def rotate(ckpt_dir: Path, keep_last: int, protect: set[str]) -> list[str]:
         if p.is_dir() and p.name.startswith(TMP_PREFIX):
             shutil.rmtree(p, ignore_errors=True)
             deleted.append(p.name)
-    done = [p for p in committed(ckpt_dir) if _lists_files(p)]  # a foreign or broken marker is not a checkpoint
+    done = [p for p in committed(ckpt_dir) if _readable(p)]  # a foreign or broken marker is not a checkpoint
     for p in done[: max(0, len(done) - keep_last)]:
         if p.name not in protect:
             shutil.rmtree(p, ignore_errors=True)
