@@ -22,20 +22,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from cifar10ds.errors import ConfigError
-
-
-def check_own_weights(master_weights: bool, lookahead: bool, channels_last: bool) -> None:
-    """Lookahead and channels_last change the model's weights in place after the engine is built; an engine
-    that keeps its own master weights (DeepSpeed bf16/fp16 optimizers, ZeRO) would not see the change."""
-    key = "lookahead.enabled" if lookahead else "channels_last" if channels_last else None
-    if master_weights and key:
-        raise ConfigError(
-            f"trainer.{key}=true needs the optimizer to update the model's own fp32 weights, but DeepSpeed's "
-            "bf16/fp16/ZeRO keep separate master weights: use \"torch_autocast\": {\"enabled\": true, \"dtype\": "
-            f"\"bfloat16\"}} instead of bf16/fp16 with ZeRO stage 0, or set trainer.{key}=false"
-        )
-
 
 class Lookahead:
     def __init__(self, cfg: Any, module: nn.Module, total_steps: int, steps_per_epoch: float) -> None:

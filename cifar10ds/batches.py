@@ -30,13 +30,11 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x.float() - mean) / std
 
 
-def init_sample(pool: int | torch.Tensor, seed: int, size: int = 5000) -> torch.Tensor:
-    """``size`` training indices for a data-dependent initialisation (airbench94's whitening), drawn at
-    random from ``pool`` (a count, or the indices of a subset) with ``seed``. airbench takes the first 5,000
-    images of the official files, whose order is random; image folders and archives come sorted by class."""
-    n = pool if isinstance(pool, int) else len(pool)
-    picked = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
-    return picked if isinstance(pool, int) else pool[picked]
+def init_sample(n: int, seed: int, size: int = 5000) -> torch.Tensor:
+    """``size`` of ``n`` training indices for a data-dependent initialisation (airbench94's whitening), drawn at
+    random with ``seed``. airbench takes the first 5,000 images of the official files, whose order is random;
+    image folders and archives come sorted by class."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
 
 
 def shard_indices(n: int, world_size: int, rank: int, epoch: int, seed: int, shuffle: bool = True) -> torch.Tensor:

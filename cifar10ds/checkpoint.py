@@ -1,4 +1,4 @@
-"""Checkpoints that are either complete or ignored.
+"""Checkpoints that are either complete or ignored, and when the trainer takes them.
 
 The engine writes its files (model, optimizer, scheduler, the trainer's ``client_state``) into a
 temporary tag folder; each rank adds its RNG states; then rank 0 fsyncs everything, renames the
@@ -8,6 +8,9 @@ from. Old checkpoints are deleted only after the new one is committed.
 
 DeepSpeed alone writes in place and rewrites ``latest`` before every rank has finished, and
 silently starts from scratch when ``latest`` is missing: the trainer never reads ``latest``.
+
+``SaveSchedule`` decides when a checkpoint is due; ``Checkpointer`` writes and restores one through
+the engine.
 """
 
 from __future__ import annotations
@@ -24,8 +27,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from cifar10ds.batches import Augment
+from cifar10ds.config import CheckpointConfig
+from cifar10ds.dist import DistInfo, on_main_then_share, warn
+from cifar10ds.engines import Backend
 from cifar10ds.errors import ConfigError
+from cifar10ds.plan import RunPlan
+from cifar10ds.state import TrainingState
+from cifar10ds.tracking import prepare_output_dir
 
 MARKER = "COMMITTED.json"
 TMP_PREFIX = ".tmp-"
@@ -198,3 +209,161 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def rng_file(ckpt: Path, rank: int) -> Path:
     return ckpt / f"rng_rank{rank}.pt"
+
+
+# ------------------------------------------------------------------------------ when to save
+
+
+class SaveSchedule:
+    """When checkpoints are due (``trainer.checkpoint``). Only between optimizer steps: the gradients of a
+    half-done accumulation window are in no checkpoint, so an epoch that ends inside one is saved at the
+    next optimizer step (or at once when nothing follows)."""
+
+    def __init__(self, cfg: CheckpointConfig, accumulation: int, rollback: bool) -> None:
+        self.cfg = cfg
+        self.accumulation = accumulation
+        self.rollback = rollback  # the doctor may roll back: it needs a checkpoint before the first epoch ends
+        self.epoch_due = False  # an epoch's checkpoint that waits for the end of an accumulation window
+
+    def at_start(self, resumed: bool) -> str | None:
+        return "start" if self.rollback and not resumed else None
+
+    def mid_epoch(self, step: int) -> str | None:
+        """After micro step ``step``, not the epoch's last."""
+        if step % self.accumulation:
+            return None
+        if self.epoch_due:
+            self.epoch_due = False
+            return "epoch"
+        every = self.cfg.every_steps
+        return "every_steps" if every and step % every == 0 else None
+
+    def at_epoch_end(self, step: int, epochs_done: int, best: bool, last: bool) -> str | None:
+        """After an epoch's evaluation; ``last``: no epoch follows (the run ends or stops)."""
+        boundary = step % self.accumulation == 0
+        if self.cfg.save_best and best and boundary:
+            return "best"
+        every = self.cfg.every_epochs
+        if every and (epochs_done % every == 0 or last):
+            if boundary or last:
+                self.epoch_due = False
+                return "epoch"
+            self.epoch_due = True
+        return None
+
+
+def prepare(resume_arg: str | None, ckpt_dir: Path, cfg: CheckpointConfig, info: DistInfo) -> Found | None:
+    """Check the checkpoint folder on rank 0 (no earlier run's checkpoints unless resuming; writable when saving) and
+    find what ``--resume`` names; every rank gets the answer, or the same one-line error."""
+    def check() -> None:
+        if not resume_arg and committed(ckpt_dir):
+            raise ConfigError(
+                f"{ckpt_dir} already holds checkpoints of an earlier run: continue it with --resume auto, "
+                "or start this run in another --output-dir"
+            )
+        if cfg.every_epochs or cfg.every_steps or cfg.save_best:
+            prepare_output_dir(ckpt_dir)
+
+    on_main_then_share(check, info)
+    if not resume_arg:
+        return None
+    found = on_main_then_share(lambda: resolve_resume(resume_arg, ckpt_dir, warn), info)
+    if found is None:
+        warn(f"no committed checkpoint in {ckpt_dir}: starting fresh")
+    return found
+
+
+# ------------------------------------------------------------------------- saving through the engine
+
+
+class Checkpointer:
+    """Saves through the engine, adds each rank's RNG states, commits atomically, rotates."""
+
+    def __init__(self, plan: RunPlan, ckpt_dir: Path, backend: Backend, info: DistInfo, augment: Augment) -> None:
+        t = plan.config.trainer
+        self.cfg = t.checkpoint
+        self.dir = ckpt_dir
+        self.backend = backend
+        self.info = info
+        self.augment = augment
+        # What must match for a checkpoint to be loadable at all, and for a mid-epoch one to continue.
+        self.identity = {"backend": backend.name, "model": t.model}
+        self.epoch_identity = {"train_images": plan.n_train, "micro_batch": plan.micro, "seed": t.seed}
+        # The optimizer steps the lr schedule and Lookahead were planned for: a resume must keep them (torch's
+        # OneCycleLR even keeps its length in the checkpoint and fails past it).
+        self.plan = {"optimizer_steps_per_epoch": round(plan.optimizer_steps_per_epoch, 6),
+                     "optimizer_steps": plan.optimizer_steps}
+        self.planned_by = (["the lr schedule"] if plan.config.ds.get("scheduler") else []) + (
+            ["Lookahead"] if t.lookahead.enabled else [])
+
+    def _barrier(self) -> None:
+        if self.info.world_size > 1:
+            dist.barrier()
+
+    def save(self, state: TrainingState, reason: str, elapsed: float) -> str:
+        progress = state.progress
+        tag = tag_for(progress.step)
+        tmp = TMP_PREFIX + tag
+        if self.info.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.dir / tmp, ignore_errors=True)  # left by a save that crashed at this step
+        self._barrier()
+        self.backend.save_checkpoint(self.dir, tmp, state.state_dict(elapsed))
+        (self.dir / tmp).mkdir(parents=True, exist_ok=True)
+        # Per-rank state goes to a per-rank file: engines save client_state from rank 0 only.
+        own = {"augment": self.augment.state_dict(), "partial": progress.partial,
+               "buffers": {k: v.detach().cpu() for k, v in self.backend.module.named_buffers()}}
+        torch.save(rng_state(own), rng_file(self.dir / tmp, self.info.rank))
+        self._barrier()  # every rank's files are written before rank 0 commits
+        if self.info.is_main:
+            meta = {**self.epoch_identity, **self.plan, "step": progress.step, "epoch": progress.epoch,
+                    "step_in_epoch": progress.step_in_epoch, "world_size": self.info.world_size, "reason": reason,
+                    **self.identity}
+            commit(self.dir, tmp, tag, meta)
+            protect = {progress.best_tag} if progress.best_tag else set()
+            rotate(self.dir, self.cfg.keep_last, protect | {tag})
+        self._barrier()
+        return tag
+
+    def restore(self, found: Found) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(client_state, this rank's partial epoch sums) of checkpoint ``found``."""
+        self._check_compatible(found)
+        saved_world = found.meta.get("world_size")
+        client_state = self.backend.load_checkpoint(found.path.parent, found.path.name)
+        if saved_world != self.info.world_size:
+            warn(f"warning: resuming {found.path.name} saved with world size {saved_world} on "
+                 f"{self.info.world_size} ranks: training continues, but not bit-for-bit as it would have")
+            return client_state, None
+        state = torch.load(rng_file(found.path, self.info.rank), weights_only=True)
+        set_rng_state(state)
+        self.augment.load_state_dict(state["augment"])
+        with torch.no_grad():  # this rank's own BatchNorm statistics, not rank 0's from the engine's file
+            for name, buf in self.backend.module.named_buffers():
+                buf.copy_(state["buffers"][name])
+        return client_state, state["partial"]
+
+    def _check_compatible(self, found: Found) -> None:
+        for key, value in self.identity.items():
+            if key in found.meta and found.meta[key] != value:
+                raise ConfigError(f"checkpoint {found.path} was saved with {key} {found.meta[key]!r}, this run uses "
+                                  f"{value!r}; resume it with the same {key}")
+        if found.meta.get("step_in_epoch"):
+            for key, value in self.epoch_identity.items():
+                if key in found.meta and found.meta[key] != value:
+                    raise ConfigError(f"checkpoint {found.path} was saved mid-epoch with {key} {found.meta[key]!r}; "
+                                      f"this run has {value!r}, so the epoch cannot continue: keep {key} as it was")
+        saved_world = found.meta.get("world_size")
+        if saved_world != self.info.world_size and found.meta.get("step_in_epoch"):
+            raise ConfigError(
+                f"checkpoint {found.path} was saved mid-epoch by {saved_world} ranks and cannot continue on "
+                f"{self.info.world_size}; resume it with {saved_world} ranks, or from an end-of-epoch checkpoint"
+            )
+        saved = {key: found.meta.get(key, value) for key, value in self.plan.items()}  # older checkpoints lack it
+        if self.planned_by and saved != self.plan:
+            raise ConfigError(
+                f"checkpoint {found.path} belongs to a run of {saved['optimizer_steps']} optimizer steps "
+                f"({saved['optimizer_steps_per_epoch']:g} per epoch), which {' and '.join(self.planned_by)} "
+                f"{'were' if len(self.planned_by) > 1 else 'was'} planned for; this run would take "
+                f"{self.plan['optimizer_steps']} ({self.plan['optimizer_steps_per_epoch']:g} per epoch): resume with "
+                "the trainer.epochs, train_batch_size, trainer.data.drop_last and training data it was saved with, "
+                "or start a new run in another --output-dir")

@@ -9,9 +9,7 @@ naming the key and what is allowed.
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,26 +18,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cifar10ds.errors import ConfigError
+from cifar10ds.schedules import SCHEDULES
 
 AUTO = "auto"
 # DeepSpeed clips the global gradient norm to 1.0 when "gradient_clipping" is absent
 # (deepspeed.runtime.constants.GRADIENT_CLIPPING_DEFAULT). The trainer writes that default into
 # the resolved config, so config.json says what ran and every backend clips alike.
 DEEPSPEED_GRADIENT_CLIPPING_DEFAULT = 1.0
-
-# Schedulers whose "auto" step counts the trainer fills in, and the keys it fills.
-SCHEDULERS = {
-    "WarmupLR": ("warmup_num_steps",),
-    "WarmupDecayLR": ("total_num_steps", "warmup_num_steps"),
-    "WarmupCosineLR": ("total_num_steps", "warmup_num_steps"),
-    "OneCycle": ("cycle_first_step_size",),
-    "LRRangeTest": (),
-    # torch's own (DeepSpeed builds torch.optim.lr_scheduler classes by name too): with
-    # anneal_strategy "linear" it is the speedrun schedule, a linear warmup from max_lr/div_factor
-    # and a linear decay to max_lr/div_factor/final_div_factor, keeping each group's own lr.
-    "OneCycleLR": ("total_steps",),
-}
-
 
 class _Section(BaseModel):
     # strict: "3" is not 3 and true is not 1; extra keys are typos until proven otherwise.
@@ -176,8 +161,8 @@ class TrainerConfig(_Section):
     channels_last: bool | Literal["auto"] = Field(
         "auto", description='model and batches in channels_last memory format; "auto": on a CPU, and on a GPU when the '
         "forward pass runs in bf16/fp16, unless DeepSpeed keeps master weights (bf16/fp16 optimizers, ZeRO) or its fused "
-        "Adam runs on a CPU (it leaves channels_last weights unchanged; true is refused there); every model here "
-        "trained 1.12-1.45x faster on a 2-core CPU with it (docs/benchmarks.md)"
+        "Adam runs on a CPU (it leaves channels_last weights unchanged; true is refused there); on a CPU every model "
+        "here trains faster in it (docs/benchmarks.md)"
     )
     compile: bool | str = Field(
         False, description='torch.compile the model (DeepSpeed: engine.compile()); true = the default backend '
@@ -359,9 +344,9 @@ def check_deepspeed_keys(ds: dict[str, Any], path: Path | str) -> None:
             raise ConfigError(f"{path}: optimizer.params.{key} must be a number (got {value!r})")
     sched = ds.get("scheduler")
     if sched is not None:
-        if not (isinstance(sched, dict) and sched.get("type") in SCHEDULERS):
+        if not (isinstance(sched, dict) and sched.get("type") in SCHEDULES):
             got = sched.get("type") if isinstance(sched, dict) else sched
-            raise ConfigError(f"{path}: scheduler.type must be one of {', '.join(SCHEDULERS)} (got {got!r})")
+            raise ConfigError(f"{path}: scheduler.type must be one of {', '.join(SCHEDULES)} (got {got!r})")
         if not isinstance(sched.get("params", {}), dict):
             raise ConfigError(f"{path}: scheduler.params must be an object")
 
@@ -388,103 +373,3 @@ def deepspeed_key_typos(ds: dict[str, Any]) -> list[str]:
             if close:
                 found.append(f"warning: {key}: not a DeepSpeed key (did you mean {close[0]}?); DeepSpeed ignores it")
     return found
-
-
-# ---------------------------------------------------------------------------- resolving "auto"
-
-
-def resolve_batch_sizes(ds: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """Fill "auto" among train_batch_size = micro batch x gradient accumulation x world size."""
-    ds = copy.deepcopy(ds)
-    total = ds.get("train_batch_size", AUTO)
-    micro = ds.get("train_micro_batch_size_per_gpu", AUTO)
-    accum = ds.get("gradient_accumulation_steps", AUTO)
-    if total != AUTO and micro != AUTO:
-        if accum == AUTO:
-            accum = total // (micro * world_size) if total % (micro * world_size) == 0 else -1
-        if accum <= 0 or total != micro * accum * world_size:
-            raise ConfigError(
-                f"train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
-                f"{ds.get('gradient_accumulation_steps', AUTO)} x world size {world_size}; "
-                'set train_micro_batch_size_per_gpu to "auto" or make the product match'
-            )
-    elif total != AUTO:
-        accum = 1 if accum == AUTO else accum
-        if total % (world_size * accum):
-            raise ConfigError(
-                f"train_batch_size {total} is not divisible by world size {world_size} x gradient_accumulation_steps "
-                f"{accum}; use a multiple of {world_size * accum}"
-            )
-        micro = total // (world_size * accum)
-    else:
-        accum = 1 if accum == AUTO else accum
-        total = micro * accum * world_size
-    ds.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
-    return ds
-
-
-def optimizer_steps(micro_steps_per_epoch: int, epochs: float, accumulation: int) -> int:
-    """Optimizer steps in a run of ``epochs`` (fractions allowed) at ``micro_steps_per_epoch`` per rank."""
-    return max(1, total_micro_steps(micro_steps_per_epoch, epochs) // accumulation)
-
-
-def total_micro_steps(micro_steps_per_epoch: int, epochs: float) -> int:
-    return max(1, math.ceil(round(epochs * micro_steps_per_epoch, 6)))
-
-
-def resolve_schedule(ds: dict[str, Any], trainer: TrainerConfig, micro_steps_per_epoch: int,
-                     group_lrs: list[float] | None = None) -> dict[str, Any]:
-    """Fill the scheduler's "auto" step counts from epochs, warmup epochs and steps per epoch.
-
-    ``group_lrs``: the optimizer's parameter-group lrs, which an "auto" OneCycleLR max_lr becomes.
-    """
-    ds = copy.deepcopy(ds)
-    accum = ds["gradient_accumulation_steps"]
-    micro_total = total_micro_steps(micro_steps_per_epoch, trainer.epochs)
-    if micro_total < accum:
-        raise ConfigError(
-            f"the run has {micro_total} micro steps, fewer than gradient_accumulation_steps {accum}: no optimizer "
-            "step would happen; raise trainer.epochs or lower gradient_accumulation_steps"
-        )
-    every = trainer.checkpoint.every_steps
-    if every and every % accum:
-        raise ConfigError(
-            f"trainer.checkpoint.every_steps ({every}) must be a multiple of gradient_accumulation_steps ({accum}): "
-            "checkpoints are taken between optimizer steps"
-        )
-    sched = ds.get("scheduler")
-    if sched is None:
-        return ds
-    total = optimizer_steps(micro_steps_per_epoch, trainer.epochs, accum)
-    if trainer.warmup_fraction is not None:
-        warmup = max(1, round(trainer.warmup_fraction * total))
-    else:
-        warmup = max(1, round((trainer.warmup_epochs or 0) * micro_steps_per_epoch / accum))
-    params = sched.setdefault("params", {})
-    # OneCycleLR's total_steps counts the lrs it defines: T + 1 for T steps, so that the scheduler's step after
-    # the last update lands on its final lr (airbench's schedule has the same T + 1 points) instead of
-    # extrapolating past it (below zero, on short runs).
-    fill = {"total_num_steps": total, "warmup_num_steps": warmup, "cycle_first_step_size": max(1, total // 2),
-            "total_steps": total + 1}
-    if sched["type"] == "OneCycleLR" and params.get("total_steps", AUTO) not in (AUTO, None) and (
-            not isinstance(params["total_steps"], int) or params["total_steps"] < total + 1):
-        raise ConfigError(f"scheduler.params.total_steps={params['total_steps']!r}: OneCycleLR stops the run with an "
-                          f"error after that many steps, and this run takes {total} (+1 for its final lr); set it to "
-                          f'"auto" or at least {total + 1}')
-    if sched["type"] == "OneCycleLR" and params.get("max_lr", AUTO) == AUTO:
-        lrs = group_lrs or [ds["optimizer"].get("params", {}).get("lr", 0.001)]
-        params["max_lr"] = lrs[0] if len(lrs) == 1 else list(lrs)
-    for key in SCHEDULERS[sched["type"]]:
-        if params.get(key, AUTO) == AUTO:
-            params[key] = fill[key]
-        elif not (isinstance(params[key], int) and not isinstance(params[key], bool) and params[key] > 0):
-            raise ConfigError(f'scheduler.params.{key} must be a positive integer or "auto" (got {params[key]!r})')
-    if "total_num_steps" in params and "warmup_num_steps" in params:
-        if params["warmup_num_steps"] >= params["total_num_steps"]:
-            raise ConfigError(
-                f"scheduler.params.warmup_num_steps ({params['warmup_num_steps']}) must be smaller than "
-                f"total_num_steps ({params['total_num_steps']}); shorten the warmup (trainer.warmup_epochs="
-                f"{trainer.warmup_epochs}, trainer.warmup_fraction={trainer.warmup_fraction}) or raise trainer.epochs "
-                f"({trainer.epochs})"
-            )
-    return ds

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cifar10ds.config import DataConfig
+from cifar10ds.dist import DistInfo, on_main_then_share
 from cifar10ds.errors import DataError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -333,7 +335,38 @@ def _write_cache(cache: Path, data: Cifar10) -> None:
             tmp.unlink(missing_ok=True)
 
 
-# ----------------------------------------------------------------------------------- subsets
+# ----------------------------------------------------------------------------------- a run's data
+
+
+def load_for_run(cfg: DataConfig, info: DistInfo) -> Cifar10:
+    """The run's images on the host: found, decoded and cached once by rank 0 (the other ranks read its cache),
+    then cut to ``trainer.data``'s class-balanced subsets."""
+    loaded: list[Cifar10] = []
+    on_main_then_share(lambda: loaded.append(load_cifar10(cfg.dir, cfg.download, cfg.cache_dir)), info)
+    ds = loaded[0] if loaded else load_cifar10(cfg.dir, cfg.download, cfg.cache_dir)
+    train = balanced_subset(ds.train_y, cfg.train_limit, cfg.subset_seed)
+    test = balanced_subset(ds.test_y, cfg.test_limit, cfg.subset_seed)
+    if train is not None:
+        ds.train_x, ds.train_y = ds.train_x[train], ds.train_y[train]
+    if test is not None:
+        ds.test_x, ds.test_y = ds.test_x[test], ds.test_y[test]
+    return ds
+
+
+@dataclass
+class DeviceData:
+    """The data set as tensors on the training device (uint8 images, int64 labels)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    @classmethod
+    def of(cls, ds: Cifar10, device: torch.device) -> DeviceData:
+        return cls(ds.train_x.to(device), ds.train_y.to(device), ds.test_x.to(device), ds.test_y.to(device))
+
+
 
 
 def balanced_subset(y: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor | None:

@@ -7,8 +7,12 @@ on the command line is accepted and ignored.
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+import signal
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +45,12 @@ def env_info() -> DistInfo:
     )
 
 
+def warn(line: str) -> None:
+    """A warning for the user: on the main rank's stderr, also with --quiet (the one way the trainer warns)."""
+    if env_info().is_main:
+        print(line, file=sys.stderr, flush=True)
+
+
 def free_port() -> int:
     """A free local TCP port (for a launcher's master port)."""
     with socket.socket() as s:
@@ -54,6 +64,54 @@ def set_single_process_defaults() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def start_processes(backend: str, timeout_s: float, keep_freed: bool) -> tuple[DistInfo, bool]:
+    """Join the launcher's world (a world of one without a launcher) on this rank's device; returns the world and
+    whether freed CPU memory is kept (``keep_freed_memory``)."""
+    set_single_process_defaults()
+    kept = False
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        share_cpu_threads()
+        kept = keep_freed and keep_freed_memory()
+    info = env_info()
+    if torch.cuda.is_available():  # before the first collective: NCCL needs each rank on its own GPU
+        torch.cuda.set_device(info.local_rank)
+        # Every step has the same shapes: let cuDNN time its kernels once and keep the fastest (as airbench does).
+        torch.backends.cudnn.benchmark = True
+    init_processes(backend, timeout_s)
+    return info, kept
+
+
+def multi_process_cpu() -> bool:
+    """Several processes and no GPU: Accelerate's ``cpu=True`` case (a gloo world)."""
+    return not torch.cuda.is_available() and env_info().world_size > 1
+
+
+def init_processes(backend: str, timeout_s: float) -> None:
+    """Join the process group the launcher set up (a world of one without a launcher)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "deepspeed":
+        import deepspeed
+
+        ds_logger = logging.getLogger("DeepSpeed")
+        ds_logger.setLevel(logging.WARNING)
+        # DeepSpeed asks its scheduler for the lr once before the first step and warns about it.
+        ds_logger.addFilter(lambda r: "before it has started" not in r.getMessage())
+        deepspeed.init_distributed(timeout=timeout)
+    else:
+        from accelerate import PartialState
+
+        # Initialises torch.distributed from the launcher's environment. With no GPU, Accelerate only
+        # forms a multi-process (gloo) world when told it runs on the CPU; otherwise every process
+        # would train on its own, its gradients never averaged. One process stays out of
+        # DistributedDataParallel, which would only add work to a world of one.
+        PartialState(cpu=multi_process_cpu(), timeout=timeout)
+    world = env_info().world_size
+    joined = dist.get_world_size() if dist.is_initialized() else 1
+    if joined != world:
+        raise RuntimeError(f"the launcher started {world} processes but {backend} joined a world of {joined}")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -97,6 +155,36 @@ def on_main_then_share(fn: Callable[[], T], info: DistInfo) -> T:
     raise {"ConfigError": ConfigError, "DataError": DataError}.get(kind, UserError)(value)
 
 
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; ``agreed()`` tells every rank whether any rank got one."""
+
+    def __init__(self, info: DistInfo, timeout_s: float) -> None:
+        self.signum = 0
+        # A CPU group: agreeing on the flag never waits for the GPU. Its timeout turns a rank
+        # that stopped answering into an error here instead of a hang.
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if info.world_size > 1 else None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum
+        # A second Ctrl-C acts as usual. SIGTERM often comes twice (the job's process group, then
+        # the launcher forwarding it): it only ever sets the flag, so the save is not cut short.
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._old[signum])
+
+    def agreed(self) -> int:
+        if self.group is None:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag)
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
 def local_world_size() -> int:
     """Processes on this machine (torchrun: LOCAL_WORLD_SIZE, the deepspeed launcher: LOCAL_SIZE)."""
     for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
@@ -108,8 +196,7 @@ def local_world_size() -> int:
 def share_cpu_threads() -> int | None:
     """On CPU, give each local rank its share of the cores unless OMP_NUM_THREADS says otherwise.
 
-    N ranks each using every core oversubscribe the machine: 2 deepspeed ranks on 2 cores trained
-    the BN-CNN 4.2x slower than with one thread each (docs/benchmarks.md). torchrun already sets
+    N ranks each using every core oversubscribe the machine (docs/benchmarks.md). torchrun already sets
     OMP_NUM_THREADS=1; the deepspeed launcher does not.
     """
     n = local_world_size()
@@ -129,14 +216,12 @@ TRIM_THRESHOLD_BYTES = 1 << 30  # free memory at the top of the heap the process
 def keep_freed_memory() -> bool:
     """On Linux with glibc, stop handing freed tensor memory back to the kernel after every step.
 
-    PyTorch's CPU tensors come straight from malloc. glibc serves blocks of 128 KB and more (a
-    batch's activations and gradients) from fresh mmaps or trims them off the heap when freed, so
-    every training step faults the same megabytes in again: 100-3,200 page faults per step for
-    the BN-CNN at batch 32 (most often over 700), a quarter or more of the step's time on the 2-core VM of
-    docs/benchmarks.md. Raising both thresholds (what the ``MALLOC_MMAP_THRESHOLD_`` and
-    ``MALLOC_TRIM_THRESHOLD_`` environment variables do at start-up) keeps those blocks in the
-    process; the cost is up to 1 GB of freed memory that is not returned. Returns whether it was
-    applied (False on other C libraries, which have no mallopt).
+    PyTorch's CPU tensors come straight from malloc. glibc serves blocks of 128 KB and more (a batch's
+    activations and gradients) from fresh mmaps or trims them off the heap when freed, so every training
+    step faults the same megabytes in again (docs/benchmarks.md counts them). Raising both thresholds (what
+    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` do at start-up) keeps those blocks in the
+    process, at the cost of up to 1 GB of freed memory kept. Returns whether it was applied (False on other
+    C libraries, which have no mallopt).
     """
     import ctypes
     import platform
@@ -149,7 +234,7 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # Both or neither: setting the trim threshold alone turns off glibc's adaptive mmap threshold
-    # and makes matters worse (8,000 faults per step in the measurement above).
+    # and makes matters worse.
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
@@ -157,8 +242,8 @@ def release_shm_buffers() -> list[str]:
     """Remove this rank's /dev/shm file of DeepSpeed's CPU shared-memory all-reduce; returns what it removed.
 
     DeepSpeed (0.19.8, ops/csrc/cpu/comm/shm.cpp) creates deepspeed_allreduce_buffer_*_<addr>_<port>_<rank>
-    (64 MiB) per rank and never unlinks it: 160 two-rank runs had left 21 GB of RAM in /dev/shm on the dev
-    machine, until everything slowed to a crawl. A peer that still has it mapped keeps its mapping.
+    (64 MiB) per rank and never unlinks it, so /dev/shm fills up run after run. A peer that still has it mapped
+    keeps its mapping.
     """
     addr, port, rank = (os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
     if not (addr and port and rank):

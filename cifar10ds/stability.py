@@ -204,8 +204,32 @@ class Monitor:
                 return STOP
         return CONTINUE
 
+    # ----------------------------------------------------------------------------- rollback
+
+    def rolled_back(self, saved: dict[str, Any]) -> None:
+        """The run went back to a checkpoint whose monitor state was ``saved``: what happened since stays on record,
+        the lr goes down by ``rollback_lr_factor``, and the stuck count is the checkpoint's."""
+        s = self.seen
+        s.rollbacks += 1
+        s.lr_scale *= self.cfg.rollback_lr_factor
+        s.consecutive_skips, s.stuck_epochs = 0, saved.get("seen", {}).get("stuck_epochs", 0)
+
     def diagnosis(self) -> dict[str, Any] | None:
         return diagnose(asdict(self.seen), asdict(self.context), stuck_limit=self.cfg.stuck_epochs)
+
+
+def make_monitor(cfg: Any, module: Any, lr: float, num_classes: int, warn: Any) -> Monitor:
+    """The doctor for a run of resolved config ``cfg`` (a Config) training ``module`` at peak ``lr``."""
+    import models
+
+    opt = cfg.ds["optimizer"]
+    context = Context(
+        model=cfg.trainer.model, has_normalization=models.has_normalization(module), precision=cfg.precision,
+        optimizer=opt["type"], lr=float(opt.get("params", {}).get("lr", lr)),
+        gradient_clipping=float(cfg.ds["gradient_clipping"]), num_classes=num_classes,
+        models_available=tuple(models.list_models()),
+    )
+    return Monitor(cfg.trainer.stability, context, warn)
 
 
 # ---------------------------------------------------------------------------------- diagnosis

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from cifar10ds.dist import DistInfo, on_main_then_share, warn
 from cifar10ds.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,6 +22,29 @@ REPO = Path(__file__).resolve().parent.parent
 
 def default_output_dir(model: str) -> Path:
     return Path("runs") / f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{model}"
+
+
+def output_dir(requested: str | None, model: str, info: DistInfo) -> Path:
+    """The run's output folder (``--output-dir``, else runs/<UTC time>-<model>), made and checked once by rank 0."""
+    path = Path(requested) if requested else default_output_dir(model)
+    return Path(on_main_then_share(lambda: prepare_output_dir(path), info))
+
+
+def open_reporter(config: dict[str, Any], seed: int, out_dir: Path, info: DistInfo, quiet: bool,
+                  device: torch.device) -> Reporter:
+    """The run's reporter (wandb started later, on the main rank), with config.json and manifest.json written."""
+    wandb = WandbLogger(config.get("wandb"), info.is_main, out_dir, warn)
+    reporter = Reporter(out_dir, info.is_main, quiet, wandb, run_config=config)
+    reporter.write_json("config.json", config)
+    reporter.write_json("manifest.json", manifest(config, device, info.world_size, seed))
+    return reporter
+
+
+def save_weights(weights: dict[str, torch.Tensor], path: Path, is_main: bool) -> None:
+    """model.pt: fp32 whatever the training precision, so the file loads into a fresh model as is."""
+    if is_main:
+        torch.save({k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+                    for k, v in weights.items()}, path)
 
 
 def prepare_output_dir(path: Path) -> str:
@@ -41,7 +65,7 @@ class Reporter:
         self.out_dir = Path(out_dir)
         self.is_main = is_main
         self.quiet = quiet
-        self.wandb = wandb or WandbLogger(None, False, self.out_dir, print)
+        self.wandb = wandb or WandbLogger(None, False, self.out_dir, warn)
         self.run_config = run_config or {}
         self.wandb_id: str | None = None
 
@@ -76,11 +100,6 @@ class Reporter:
     def say(self, line: str) -> None:
         if self.is_main and not self.quiet:
             print(line, flush=True)
-
-    def warn(self, line: str) -> None:
-        """A warning: on stderr, also with --quiet."""
-        if self.is_main:
-            print(line, file=sys.stderr, flush=True)
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.is_main:

@@ -3,11 +3,18 @@
 Every constructor takes ``num_classes`` and returns an ``nn.Module`` mapping a float batch
 ``(N, 3, 32, 32)`` to logits ``(N, num_classes)``. Importing this package registers the
 built-in families (one file each).
+
+A model may define these optional hooks; the trainer calls them through ``hook(model, name)``:
+
+- ``init_from_data(images)``: set weights from normalized training images (N, 3, H, W) of this run,
+  before the engine is built (airbench94's whitening filters);
+- ``on_epoch_start(epoch)``: called before each epoch (0-based).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch.nn as nn
 
@@ -30,6 +37,16 @@ def create_model(name: str, num_classes: int = 10) -> nn.Module:
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
     return _REGISTRY[name](num_classes=num_classes)
+
+
+HOOKS = ("init_from_data", "on_epoch_start")
+
+
+def hook(model: nn.Module, name: str) -> Callable[..., Any] | None:
+    """The model's optional hook ``name`` (one of ``HOOKS``), or None where it has none."""
+    if name not in HOOKS:
+        raise ValueError(f"unknown model hook {name!r}; hooks: {', '.join(HOOKS)}")
+    return getattr(model, name, None)
 
 
 def count_params(model: nn.Module) -> int:

@@ -16,7 +16,8 @@ from pydantic import BaseModel
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cifar10ds.config import SCHEDULERS, TrainerConfig  # noqa: E402
+from cifar10ds.config import TrainerConfig  # noqa: E402
+from cifar10ds.schedules import SCHEDULES  # noqa: E402
 
 HEADER = """# Configuration reference
 
@@ -91,7 +92,7 @@ def _rows(model: type[BaseModel], prefix: str, sections: list[tuple[str, type[Ba
 
 
 def render() -> str:
-    out = [HEADER.replace("{schedulers}", ", ".join(f"`{s}`" for s in SCHEDULERS))]
+    out = [HEADER.replace("{schedulers}", ", ".join(f"`{s}`" for s in SCHEDULES))]
     sections: list[tuple[str, type[BaseModel]]] = [("trainer", TrainerConfig)]
     while sections:
         key, model = sections.pop(0)

@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from cifar10ds import engine
-from cifar10ds.engine import build_torch_optimizer, check_accelerate_config, choose_backend
+from cifar10ds import dist, engines
+from cifar10ds.engines import choose_backend
+from cifar10ds.engines.checks import check_accelerate_config
 from cifar10ds.errors import ConfigError
+from cifar10ds.optim import build_torch_optimizer
 
 
 @pytest.mark.parametrize(
@@ -21,12 +23,12 @@ def test_choose_backend(monkeypatch, requested, env, installed, expected):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(engine.importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: object() if name in installed else None)
     assert choose_backend(requested) == expected
 
 
 def test_missing_backend_package_is_a_user_error(monkeypatch):
-    monkeypatch.setattr(engine.importlib.util, "find_spec", lambda name: None if name == "deepspeed" else object())
+    monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: None if name == "deepspeed" else object())
     with pytest.raises(ConfigError, match="the deepspeed backend needs the deepspeed package: pip install deepspeed, or use --backend accelerate"):
         choose_backend("deepspeed")
 
@@ -96,7 +98,7 @@ class _FakeEngine:
 
 
 def test_deepspeed_loss_scale_floor_becomes_its_own_exception():
-    from cifar10ds.engine import DeepSpeedBackend, LossScaleFloor
+    from cifar10ds.engines import DeepSpeedBackend, LossScaleFloor
 
     backend = object.__new__(DeepSpeedBackend)
     backend.engine, backend._engine_tracks_norm, backend._pending, backend.lr_scale = _FakeEngine(), True, None, 1.0
@@ -107,7 +109,7 @@ def test_deepspeed_loss_scale_floor_becomes_its_own_exception():
 def test_nonfinite_layer_is_the_one_nearest_the_output():
     import torch
 
-    from cifar10ds.engine import Backend
+    from cifar10ds.engines import Backend
 
     backend = object.__new__(Backend)
     backend._param_norms = (["conv1.weight", "conv1.bias", "fc1.weight", "fc2.weight", "fc2.bias"],
@@ -124,45 +126,7 @@ def test_a_launched_world_the_engine_did_not_join_is_a_bug(monkeypatch):
     monkeypatch.setattr(accelerate, "PartialState", lambda **kwargs: None)  # joins nothing
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="the launcher started 2 processes but accelerate joined a world of 1"):
-        engine.init_processes("accelerate", 60)
-
-
-@pytest.mark.parametrize(
-    "setting, on_gpu, half, master, expected",
-    [
-        ("auto", False, False, False, True),  # CPU, fp32: oneDNN's convolutions prefer it
-        ("auto", True, False, False, False),  # GPU fp32: stays contiguous
-        ("auto", True, True, False, True),  # GPU bf16/fp16 compute (torch_autocast, Accelerate mixed precision)
-        ("auto", True, True, True, False),  # DeepSpeed bf16/fp16 optimizer: master weights would not see it
-        ("auto", False, False, True, False),  # ZeRO on CPU
-        (True, True, False, False, True),  # explicit wins (the master-weights refusal is check_own_weights')
-        (False, False, False, False, False),
-    ],
-)
-def test_channels_last_auto(setting, on_gpu, half, master, expected):
-    assert engine.resolve_channels_last(setting, on_gpu, half, master) is expected
-
-
-@pytest.mark.parametrize(
-    "backend, opt, on_gpu, blind",
-    [
-        ("deepspeed", {"type": "Adam", "params": {"lr": 1e-3}}, False, "DeepSpeed's fused Adam on a CPU"),
-        ("deepspeed", {"type": "AdamW"}, False, "DeepSpeed's fused AdamW on a CPU"),
-        ("deepspeed", {"type": "adam"}, False, "DeepSpeed's fused adam on a CPU"),
-        ("deepspeed", {"type": "Adam", "params": {"torch_adam": True}}, False, None),  # torch's Adam
-        ("deepspeed", {"type": "Adam"}, True, None),  # the CUDA kernel takes channels_last weights
-        ("deepspeed", {"type": "SGD"}, False, None),
-        ("accelerate", {"type": "Adam"}, False, None),  # torch's Adam
-    ],
-)
-def test_channels_last_stays_off_where_the_optimizer_would_not_update_it(backend, opt, on_gpu, blind):
-    assert engine.channels_last_blind_optimizer(backend, opt, on_gpu) == blind
-    if blind:
-        assert engine.resolve_channels_last("auto", False, False, False, blind) is False
-        assert engine.resolve_channels_last(False, False, False, False, blind) is False
-        with pytest.raises(ConfigError, match="trainer.channels_last=true: DeepSpeed's fused .* does not update weights "
-                                              "stored channels_last .* set optimizer.params.torch_adam=true"):
-            engine.resolve_channels_last(True, False, False, False, blind)
+        dist.init_processes("accelerate", 60)
 
 
 def test_deepspeeds_cpu_adam_leaves_channels_last_weights_as_they_were():
@@ -184,12 +148,12 @@ def test_deepspeeds_cpu_adam_leaves_channels_last_weights_as_they_were():
 
 TIMER_PROBE = """
 import json, sys, torch
-from cifar10ds import engine
-engine.init_processes("deepspeed", 60)
+from cifar10ds import dist, engines
+dist.init_processes("deepspeed", 60)
 model = torch.nn.Linear(4, 2)
 cfg = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
        "optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "gradient_clipping": 0.0, **json.loads(sys.argv[1])}
-backend = engine.DeepSpeedBackend(model, cfg)
+backend = engines.DeepSpeedBackend(model, cfg)
 print(json.dumps(backend.engine.tput_timer.config.enabled))
 """
 

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from tests.helpers import ROOT, cli_env, run_bounded
 
@@ -115,3 +116,168 @@ def test_bench_gpu_parts_write_their_reports_and_go_on_past_a_failure(tmp_path, 
     fast = json.loads((out / "resnet18_fast.json").read_text())
     assert fast["config"].endswith("configs/resnet18_speedrun10.json") and fast["trainer"]["n"] == 1
     assert {"trainer.stability.enabled=false", "trainer.channels_last=true"} <= set(fast["overrides"])
+
+
+@pytest.mark.slow
+def test_bench_runs_seeds_in_one_process_and_reports_cis(tmp_path, data):
+    import sys
+
+    from tests.helpers import cli_env, run_bounded
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(ROOT / "configs" / "speedrun94.json"),
+           "--seeds", "2", "--data-dir", str(data), "--json", str(out), "--set", "train_batch_size=40",
+           "--set", "trainer.epochs=1", "--set", "trainer.data.download=false", "--set", "trainer.tta_level=1",
+           "--warmup-images", "100"]
+    done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    runs = report["trainer"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and report["trainer"]["n"] == 2
+    assert report["tta_level"] == 1 and report["backend"] == "deepspeed" and report["train_images"] == 200
+    assert report["warmup_train_images"] == 100  # the uncounted first run, on fewer images
+    assert report["trainer"]["acc_mean"] == pytest.approx(sum(r["acc"] for r in runs) / 2)
+    low, high = report["trainer"]["acc_ci95"]
+    assert low <= report["trainer"]["acc_mean"] <= high
+    assert all(r["time_s"] >= r["train_time_s"] > 0 for r in runs)  # + the whitening layer's computation
+    assert "airbench" not in report
+    assert "trainer    n=2  accuracy" in done.stdout
+
+    # The rest of the seeds in another sitting, joined into one report of 3 seeds
+    more = tmp_path / "more.json"
+    cmd = cmd[:cmd.index("--json")] + ["--json", str(more)] + cmd[cmd.index("--json") + 2:] + ["--seeds", "1", "--first-seed",
+                                                                                              "2", "--no-warmup"]
+    done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["seed"] for r in json.loads(more.read_text())["trainer"]["runs"]] == [2]
+    joined = tmp_path / "joined.json"
+    done = run_bounded([sys.executable, str(ROOT / "scripts" / "bench.py"), "--merge", str(out), str(more),
+                        "--json", str(joined)], ROOT, cli_env(tmp_path), timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = json.loads(joined.read_text())
+    runs = runs + json.loads(more.read_text())["trainer"]["runs"]
+    assert [r["seed"] for r in merged["trainer"]["runs"]] == [0, 1, 2] and merged["trainer"]["n"] == 3
+    assert merged["trainer"]["acc_mean"] == pytest.approx(sum(r["acc"] for r in runs) / 3)
+    assert merged["config"] == report["config"] and merged["merged_from"] == [str(out), str(more)]
+    assert "trainer    n=3  accuracy" in done.stdout
+
+
+def _report(tmp_path, name, seeds, airbench=True, **changes):
+    runs = [{"seed": s, "acc": 0.93 + s / 1000, "time_s": 3.0 + s / 10} for s in seeds]
+    report = {"config": "configs/speedrun94.json", "overrides": [], "backend": "deepspeed", "tta_level": 2,
+              "device": "cuda", "train_images": 50000, "test_images": 10000, "trainer": {"runs": runs}, **changes}
+    if airbench:
+        report["airbench"] = {"runs": [{"seed": s, "acc": 0.94, "time_s": 4.0} for s in seeds]}
+    path = tmp_path / name
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_bench_merge_joins_parts_with_airbench_and_refuses_what_does_not_belong_together(tmp_path, capfd):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import main
+
+    a, b = _report(tmp_path, "a.json", [0, 1]), _report(tmp_path, "b.json", [2, 3])
+    assert main(["--merge", str(a), str(b), "--json", str(tmp_path / "ab.json")]) == 0
+    ab = json.loads((tmp_path / "ab.json").read_text())
+    assert ab["trainer"]["n"] == ab["airbench"]["n"] == 4
+    assert ab["trainer"]["time_mean_s"] == pytest.approx(3.15) and ab["airbench"]["time_mean_s"] == pytest.approx(4.0)
+    assert ab["time_ratio"] == pytest.approx(3.15 / 4.0) and ab["acc_diff"] == pytest.approx(0.9315 - 0.94)
+    capfd.readouterr()
+    for other, message in [
+        (a, "seeds repeat across the reports ([0, 0, 1, 1]): run the parts with --first-seed"),
+        (_report(tmp_path, "c.json", [2], overrides=["trainer.compile=true"]), "differs in overrides"),
+        (_report(tmp_path, "d.json", [2], airbench=False), "differs in having airbench runs"),
+    ]:
+        assert main(["--merge", str(a), str(other)]) == 2
+        err = capfd.readouterr().err
+        assert err.startswith("error: --merge: ") and message in err and err.count("\n") == 1
+    assert main(["--merge", str(tmp_path / "missing.json")]) == 2
+    assert "No such file" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_vs_airbench_without_the_package_is_one_line(tmp_path, data):
+    import importlib.util
+    import sys
+
+    from tests.helpers import cli_env, run_bounded
+
+    if importlib.util.find_spec("airbench") is not None:
+        pytest.skip("airbench is installed here")
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--seeds", "1", "--data-dir", str(data), "--vs-airbench",
+           "--set", "trainer.data.download=false"]
+    done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: --vs-airbench needs the airbench package") and done.stderr.count("\n") == 1
+
+
+def test_airbench_is_fed_the_trainers_images_in_its_format_and_order(tmp_path, data, monkeypatch):
+    """bench.py --vs-airbench without a GPU: a stand-in airbench module records what it is given."""
+    import argparse
+    import types
+    from pathlib import Path
+
+    from cifar10ds.config import load_config
+    from cifar10ds.data import load_cifar10
+    from cifar10ds.errors import UserError
+    from tests.helpers import tiny_dataset
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import Airbench
+
+    seen = {}
+
+    class CifarLoader:  # airbench 0.1.8's signature; it reads ./cifar10/train.pt
+        def __init__(self, path, train, batch_size, aug, altflip):
+            seen["loader"] = (Path.cwd(), train, batch_size, aug, altflip)
+            seen["train"] = torch.load(Path(path) / "train.pt", weights_only=True)
+
+    def train94(train_loader, epochs, tta_level, run, verbose):  # reads ./cifar10/test.pt, prints its table
+        seen["test"] = torch.load("cifar10/test.pt", weights_only=True)
+        seen["call"] = (epochs, tta_level, run, verbose)
+        print("|  run  |  epoch  |  tta_val_acc  |  total_time_seconds  |")
+        print("|       |   eval  |       0.9400  |              3.2100  |")
+
+    monkeypatch.setitem(sys.modules, "airbench", types.SimpleNamespace(CifarLoader=CifarLoader, train94=train94))
+    trainer = load_config(ROOT / "configs" / "speedrun94.json", ["trainer.data.download=false"]).trainer
+    with pytest.raises(UserError, match="--vs-airbench: 200 training images are fewer than airbench94's one batch of 1024"):
+        Airbench(argparse.Namespace(data_dir=str(data)), tmp_path / "small", trainer)
+
+    big = tiny_dataset(tmp_path / "big", train_per_class=110, test_per_class=3)  # 1,100 images, sorted by class
+    cwd = Path.cwd()
+    rival = Airbench(argparse.Namespace(data_dir=str(big)), tmp_path / "scratch", trainer)
+    assert rival.run(seed=3) == {"seed": 3, "acc": 0.94, "time_s": 3.21}
+    assert Path.cwd() == cwd  # airbench's folder only while it runs: relative paths of ours still work
+    assert seen["loader"] == (tmp_path / "scratch", True, 1024, {"flip": True, "translate": 2}, True)
+    assert seen["call"] == (9.9, 2, 0, True)  # the preset's epochs and TTA level
+    ours = load_cifar10(str(big), download=False, cache_dir=str(tmp_path / "cache"))
+    train, test = seen["train"], seen["test"]
+    assert train["images"].shape == (1100, 32, 32, 3) and train["images"].dtype == torch.uint8  # NHWC uint8
+    assert train["labels"].dtype == torch.int64 and torch.equal(test["images"], ours.test_x.permute(0, 2, 3, 1))
+    # the very same images and labels, in a shuffled order: the first 5,000 (here 500) that airbench whitens
+    # with hold every class, where the decoded folder is sorted by class
+    as_rows = {(bytes(x.numpy()), int(y)) for x, y in zip(train["images"], train["labels"])}
+    assert as_rows == {(bytes(x.permute(1, 2, 0).contiguous().numpy()), int(y)) for x, y in zip(ours.train_x, ours.train_y)}
+    assert torch.equal(ours.train_y[:500].unique(), torch.arange(5))  # sorted: 5 classes in the first 500
+    assert len(train["labels"][:500].unique()) == 10
+
+
+def test_parse_airbench_table_reads_its_own_final_row():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import parse_airbench_table
+
+    printed = "\n".join([
+        "-" * 40,
+        "|  run     |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |",
+        "-" * 40,
+        "|       0  |      0  |      1.7000  |     0.4000  |   0.5000  |               |              0.4100  |",
+        "|          |      9  |      0.9000  |     0.9500  |   0.9300  |               |              3.5000  |",
+        "|          |   eval  |              |             |           |       0.9401  |              3.8300  |",
+    ])
+    assert parse_airbench_table(printed) == {"tta_val_acc": 0.9401, "total_time_seconds": 3.83}
+    cut_short = printed.rsplit("\n", 1)[0] + "\nRuntimeError: CUDA out of memory"
+    with pytest.raises(RuntimeError, match="airbench printed no final \\(eval\\) row(.|\n)*CUDA out of memory"):
+        parse_airbench_table(cut_short)

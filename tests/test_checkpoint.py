@@ -123,3 +123,52 @@ def test_resume_drops_a_torn_last_line_of_steps_jsonl(tmp_path):
     Reporter(tmp_path, is_main=True).resume([{"epoch": 1}], step=2)
     assert (tmp_path / "steps.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n'
     assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def _schedule(accumulation=1, rollback=False, **cfg):
+    from cifar10ds.checkpoint import SaveSchedule
+    from cifar10ds.config import CheckpointConfig
+
+    return SaveSchedule(CheckpointConfig(**cfg), accumulation, rollback)
+
+
+@pytest.mark.parametrize(
+    "cfg, accumulation, steps, expected",
+    [
+        ({"every_steps": 4}, 1, [1, 2, 3, 4, 8], [None, None, None, "every_steps", "every_steps"]),
+        ({"every_steps": 4}, 2, [3, 4], [None, "every_steps"]),  # between optimizer steps only
+        ({"every_steps": None}, 1, [4, 8], [None, None]),
+    ],
+)
+def test_save_schedule_mid_epoch(cfg, accumulation, steps, expected):
+    schedule = _schedule(accumulation, **cfg)
+    assert [schedule.mid_epoch(s) for s in steps] == expected
+
+
+@pytest.mark.parametrize(
+    "cfg, accumulation, calls, expected",
+    [
+        ({}, 1, [(10, 1, False, False), (20, 2, True, False)], ["epoch", "epoch"]),  # every epoch by default
+        ({"every_epochs": 2}, 1, [(10, 1, False, False), (20, 2, False, False)], [None, "epoch"]),
+        ({"every_epochs": 2}, 1, [(10, 1, False, True)], ["epoch"]),  # the last epoch is always saved
+        ({"every_epochs": None}, 1, [(10, 1, False, True)], [None]),
+        ({"save_best": True}, 1, [(10, 1, True, False), (20, 2, False, False)], ["best", "epoch"]),
+        ({"save_best": True}, 4, [(10, 1, True, False)], [None]),  # inside a window: waits (below)
+        ({}, 4, [(10, 1, False, True)], ["epoch"]),  # nothing follows: saved at once
+    ],
+)
+def test_save_schedule_at_epoch_end(cfg, accumulation, calls, expected):
+    schedule = _schedule(accumulation, **cfg)
+    assert [schedule.at_epoch_end(*c) for c in calls] == expected
+
+
+def test_an_epoch_that_ends_inside_an_accumulation_window_is_saved_at_the_next_optimizer_step():
+    schedule = _schedule(accumulation=4)
+    assert schedule.at_epoch_end(10, 1, False, False) is None  # step 10: mid-window
+    assert [schedule.mid_epoch(s) for s in (11, 12, 16)] == [None, "epoch", None]
+
+
+def test_save_schedule_at_start_only_for_a_fresh_run_that_may_roll_back():
+    assert _schedule(rollback=True).at_start(resumed=False) == "start"
+    assert _schedule(rollback=True).at_start(resumed=True) is None
+    assert _schedule(rollback=False).at_start(resumed=False) is None

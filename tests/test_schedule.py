@@ -7,7 +7,8 @@ import pytest
 import torch
 from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
-from cifar10ds.config import load_config, resolve_batch_sizes, resolve_schedule
+from cifar10ds.config import load_config
+from cifar10ds.plan import resolve_batch_sizes, resolve_schedule
 from tests.helpers import ROOT
 
 

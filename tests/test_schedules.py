@@ -52,3 +52,16 @@ def test_state_round_trip():
 def test_unsupported(kind, params, message):
     with pytest.raises(ConfigError, match=message):
         DeepSpeedStyleSchedule(opt(), kind, params)
+
+
+def test_the_registry_names_deepspeeds_own_parameters():
+    """The Accelerate implementations take exactly what DeepSpeed's classes take (one registry, checked here)."""
+    import inspect
+
+    from cifar10ds.schedules import SCHEDULES
+
+    for name, schedule in SCHEDULES.items():
+        theirs = set(inspect.signature(getattr(ds, name, None) or getattr(torch.optim.lr_scheduler, name)).parameters)
+        assert set(schedule.auto) <= theirs, name
+        if schedule.accelerate == "deepspeed_style":
+            assert set(schedule.params) == theirs - {"optimizer", "last_batch_iteration"}, name

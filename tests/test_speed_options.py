@@ -9,12 +9,13 @@ import torch
 import torch.nn as nn
 
 import models
-from cifar10ds.averaging import Lookahead, check_own_weights
+from cifar10ds.averaging import Lookahead
 from cifar10ds.batches import Augment
-from cifar10ds.config import LookaheadConfig, ParamGroupRule, TrainerConfig, resolve_schedule
-from cifar10ds.engine import group_lrs, param_groups
+from cifar10ds.config import LookaheadConfig, ParamGroupRule, TrainerConfig
 from cifar10ds.errors import ConfigError
-from cifar10ds.loop import Clock, tta_logits
+from cifar10ds.evaluation import Clock, tta_logits
+from cifar10ds.optim import param_groups
+from cifar10ds.plan import check_own_weights, group_lrs, resolve_schedule
 from cifar10ds.schedules import build_schedule
 from tests.helpers import ROOT, run_cli
 
@@ -187,171 +188,6 @@ def test_speedrun_preset_runs_end_to_end_on_cpu(tmp_path, data, backend):
 
 
 @pytest.mark.slow
-def test_bench_runs_seeds_in_one_process_and_reports_cis(tmp_path, data):
-    import sys
-
-    from tests.helpers import cli_env, run_bounded
-
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(ROOT / "configs" / "speedrun94.json"),
-           "--seeds", "2", "--data-dir", str(data), "--json", str(out), "--set", "train_batch_size=40",
-           "--set", "trainer.epochs=1", "--set", "trainer.data.download=false", "--set", "trainer.tta_level=1",
-           "--warmup-images", "100"]
-    done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
-    runs = report["trainer"]["runs"]
-    assert [r["seed"] for r in runs] == [0, 1] and report["trainer"]["n"] == 2
-    assert report["tta_level"] == 1 and report["backend"] == "deepspeed" and report["train_images"] == 200
-    assert report["warmup_train_images"] == 100  # the uncounted first run, on fewer images
-    assert report["trainer"]["acc_mean"] == pytest.approx(sum(r["acc"] for r in runs) / 2)
-    low, high = report["trainer"]["acc_ci95"]
-    assert low <= report["trainer"]["acc_mean"] <= high
-    assert all(r["time_s"] >= r["train_time_s"] > 0 for r in runs)  # + the whitening layer's computation
-    assert "airbench" not in report
-    assert "trainer    n=2  accuracy" in done.stdout
-
-    # The rest of the seeds in another sitting, joined into one report of 3 seeds
-    more = tmp_path / "more.json"
-    cmd = cmd[:cmd.index("--json")] + ["--json", str(more)] + cmd[cmd.index("--json") + 2:] + ["--seeds", "1", "--first-seed",
-                                                                                              "2", "--no-warmup"]
-    done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [r["seed"] for r in json.loads(more.read_text())["trainer"]["runs"]] == [2]
-    joined = tmp_path / "joined.json"
-    done = run_bounded([sys.executable, str(ROOT / "scripts" / "bench.py"), "--merge", str(out), str(more),
-                        "--json", str(joined)], ROOT, cli_env(tmp_path), timeout=60)
-    assert done.returncode == 0, done.stderr[-3000:]
-    merged = json.loads(joined.read_text())
-    runs = runs + json.loads(more.read_text())["trainer"]["runs"]
-    assert [r["seed"] for r in merged["trainer"]["runs"]] == [0, 1, 2] and merged["trainer"]["n"] == 3
-    assert merged["trainer"]["acc_mean"] == pytest.approx(sum(r["acc"] for r in runs) / 3)
-    assert merged["config"] == report["config"] and merged["merged_from"] == [str(out), str(more)]
-    assert "trainer    n=3  accuracy" in done.stdout
-
-
-def _report(tmp_path, name, seeds, airbench=True, **changes):
-    runs = [{"seed": s, "acc": 0.93 + s / 1000, "time_s": 3.0 + s / 10} for s in seeds]
-    report = {"config": "configs/speedrun94.json", "overrides": [], "backend": "deepspeed", "tta_level": 2,
-              "device": "cuda", "train_images": 50000, "test_images": 10000, "trainer": {"runs": runs}, **changes}
-    if airbench:
-        report["airbench"] = {"runs": [{"seed": s, "acc": 0.94, "time_s": 4.0} for s in seeds]}
-    path = tmp_path / name
-    path.write_text(json.dumps(report))
-    return path
-
-
-def test_bench_merge_joins_parts_with_airbench_and_refuses_what_does_not_belong_together(tmp_path, capfd):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench import main
-
-    a, b = _report(tmp_path, "a.json", [0, 1]), _report(tmp_path, "b.json", [2, 3])
-    assert main(["--merge", str(a), str(b), "--json", str(tmp_path / "ab.json")]) == 0
-    ab = json.loads((tmp_path / "ab.json").read_text())
-    assert ab["trainer"]["n"] == ab["airbench"]["n"] == 4
-    assert ab["trainer"]["time_mean_s"] == pytest.approx(3.15) and ab["airbench"]["time_mean_s"] == pytest.approx(4.0)
-    assert ab["time_ratio"] == pytest.approx(3.15 / 4.0) and ab["acc_diff"] == pytest.approx(0.9315 - 0.94)
-    capfd.readouterr()
-    for other, message in [
-        (a, "seeds repeat across the reports ([0, 0, 1, 1]): run the parts with --first-seed"),
-        (_report(tmp_path, "c.json", [2], overrides=["trainer.compile=true"]), "differs in overrides"),
-        (_report(tmp_path, "d.json", [2], airbench=False), "differs in having airbench runs"),
-    ]:
-        assert main(["--merge", str(a), str(other)]) == 2
-        err = capfd.readouterr().err
-        assert err.startswith("error: --merge: ") and message in err and err.count("\n") == 1
-    assert main(["--merge", str(tmp_path / "missing.json")]) == 2
-    assert "No such file" in capfd.readouterr().err
-
-
-@pytest.mark.slow
-def test_bench_vs_airbench_without_the_package_is_one_line(tmp_path, data):
-    import importlib.util
-    import sys
-
-    from tests.helpers import cli_env, run_bounded
-
-    if importlib.util.find_spec("airbench") is not None:
-        pytest.skip("airbench is installed here")
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--seeds", "1", "--data-dir", str(data), "--vs-airbench",
-           "--set", "trainer.data.download=false"]
-    done = run_bounded(cmd, ROOT, cli_env(tmp_path), timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: --vs-airbench needs the airbench package") and done.stderr.count("\n") == 1
-
-
-def test_airbench_is_fed_the_trainers_images_in_its_format_and_order(tmp_path, data, monkeypatch):
-    """bench.py --vs-airbench without a GPU: a stand-in airbench module records what it is given."""
-    import argparse
-    import types
-    from pathlib import Path
-
-    from cifar10ds.config import load_config
-    from cifar10ds.data import load_cifar10
-    from cifar10ds.errors import UserError
-    from tests.helpers import tiny_dataset
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench import Airbench
-
-    seen = {}
-
-    class CifarLoader:  # airbench 0.1.8's signature; it reads ./cifar10/train.pt
-        def __init__(self, path, train, batch_size, aug, altflip):
-            seen["loader"] = (Path.cwd(), train, batch_size, aug, altflip)
-            seen["train"] = torch.load(Path(path) / "train.pt", weights_only=True)
-
-    def train94(train_loader, epochs, tta_level, run, verbose):  # reads ./cifar10/test.pt, prints its table
-        seen["test"] = torch.load("cifar10/test.pt", weights_only=True)
-        seen["call"] = (epochs, tta_level, run, verbose)
-        print("|  run  |  epoch  |  tta_val_acc  |  total_time_seconds  |")
-        print("|       |   eval  |       0.9400  |              3.2100  |")
-
-    monkeypatch.setitem(sys.modules, "airbench", types.SimpleNamespace(CifarLoader=CifarLoader, train94=train94))
-    trainer = load_config(ROOT / "configs" / "speedrun94.json", ["trainer.data.download=false"]).trainer
-    with pytest.raises(UserError, match="--vs-airbench: 200 training images are fewer than airbench94's one batch of 1024"):
-        Airbench(argparse.Namespace(data_dir=str(data)), tmp_path / "small", trainer)
-
-    big = tiny_dataset(tmp_path / "big", train_per_class=110, test_per_class=3)  # 1,100 images, sorted by class
-    cwd = Path.cwd()
-    rival = Airbench(argparse.Namespace(data_dir=str(big)), tmp_path / "scratch", trainer)
-    assert rival.run(seed=3) == {"seed": 3, "acc": 0.94, "time_s": 3.21}
-    assert Path.cwd() == cwd  # airbench's folder only while it runs: relative paths of ours still work
-    assert seen["loader"] == (tmp_path / "scratch", True, 1024, {"flip": True, "translate": 2}, True)
-    assert seen["call"] == (9.9, 2, 0, True)  # the preset's epochs and TTA level
-    ours = load_cifar10(str(big), download=False, cache_dir=str(tmp_path / "cache"))
-    train, test = seen["train"], seen["test"]
-    assert train["images"].shape == (1100, 32, 32, 3) and train["images"].dtype == torch.uint8  # NHWC uint8
-    assert train["labels"].dtype == torch.int64 and torch.equal(test["images"], ours.test_x.permute(0, 2, 3, 1))
-    # the very same images and labels, in a shuffled order: the first 5,000 (here 500) that airbench whitens
-    # with hold every class, where the decoded folder is sorted by class
-    as_rows = {(bytes(x.numpy()), int(y)) for x, y in zip(train["images"], train["labels"])}
-    assert as_rows == {(bytes(x.permute(1, 2, 0).contiguous().numpy()), int(y)) for x, y in zip(ours.train_x, ours.train_y)}
-    assert torch.equal(ours.train_y[:500].unique(), torch.arange(5))  # sorted: 5 classes in the first 500
-    assert len(train["labels"][:500].unique()) == 10
-
-
-def test_parse_airbench_table_reads_its_own_final_row():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench import parse_airbench_table
-
-    printed = "\n".join([
-        "-" * 40,
-        "|  run     |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |",
-        "-" * 40,
-        "|       0  |      0  |      1.7000  |     0.4000  |   0.5000  |               |              0.4100  |",
-        "|          |      9  |      0.9000  |     0.9500  |   0.9300  |               |              3.5000  |",
-        "|          |   eval  |              |             |           |       0.9401  |              3.8300  |",
-    ])
-    assert parse_airbench_table(printed) == {"tta_val_acc": 0.9401, "total_time_seconds": 3.83}
-    cut_short = printed.rsplit("\n", 1)[0] + "\nRuntimeError: CUDA out of memory"
-    with pytest.raises(RuntimeError, match="airbench printed no final \\(eval\\) row(.|\n)*CUDA out of memory"):
-        parse_airbench_table(cut_short)
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["deepspeed", "accelerate"])
 def test_compile_goes_through_the_engine_and_its_first_step_is_timed_apart(tmp_path, data, config, backend):
     # "eager": TorchDynamo traces the model and runs the graph as is: the compile path, without a C++ toolchain
@@ -399,13 +235,13 @@ def test_clock_times_the_device_with_cuda_events_on_a_gpu(monkeypatch):
 
 def test_clock_uses_the_host_clock_on_cpu(monkeypatch):
     now = iter([10.0, 10.75])
-    monkeypatch.setattr("cifar10ds.loop.time.perf_counter", lambda: next(now))
+    monkeypatch.setattr("cifar10ds.evaluation.time.perf_counter", lambda: next(now))
     clock = Clock(torch.device("cpu"))
     assert clock.since(clock.mark()) == pytest.approx(0.75)
 
 
 def test_epoch_end_reads_the_step_norms_back_in_one_copy_with_the_same_values(monkeypatch):
-    from cifar10ds.loop import _host_floats
+    from cifar10ds.state import host_floats
 
     values = [torch.tensor(1.1), 2.5, torch.tensor(0.3, dtype=torch.float64), torch.tensor(float("inf")),
               torch.tensor(3.3, dtype=torch.bfloat16)]
@@ -414,16 +250,16 @@ def test_epoch_end_reads_the_step_norms_back_in_one_copy_with_the_same_values(mo
     for name in ("tolist", "item", "__float__"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name: reads.append(_n) or _o(t, *a))
-    assert _host_floats(values) == expected
+    assert host_floats(values) == expected
     assert reads == ["tolist"]  # one device-to-host copy for all of the epoch's norms (a GPU sync each, else)
-    assert _host_floats([]) == [] and _host_floats([1.0, 2.0]) == [1.0, 2.0]
+    assert host_floats([]) == [] and host_floats([1.0, 2.0]) == [1.0, 2.0]
 
 
 def test_the_fp16_loss_scale_is_kept_per_step_on_the_device_and_read_with_the_norms(monkeypatch):
     """torch's GradScaler keeps its scale on the device and halves it in place after an overflow: each step's
     record must be a copy (not the live scalar), and reading it must wait for the epoch's one copy."""
-    from cifar10ds.engine import scaler_scale
-    from cifar10ds.loop import EpochSums
+    from cifar10ds.engines.base import scaler_scale
+    from cifar10ds.state import EpochSums
 
     w = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([w], lr=0.1)
@@ -439,9 +275,9 @@ def test_the_fp16_loss_scale_is_kept_per_step_on_the_device_and_read_with_the_no
         scaler.step(opt)  # torch's own read of its inf flag
         scaler.update()
         opt.zero_grad()
-        acc.norms.append((step, torch.tensor(float(step)), 0.1, scaler_scale(scaler), False))
+        acc.add_update(step, torch.tensor(float(step)), 0.1, scaler_scale(scaler), False)
     reads.clear()
-    plain = acc.host_norms()
+    plain = acc.host_updates()
     assert reads == ["tolist"]
     assert [(s, n, scale) for s, n, _, scale, _ in plain] == [(1, 1.0, 8.0), (2, 2.0, 4.0), (3, 3.0, 4.0)]
     assert acc.to_plain()["norms"] == plain  # a mid-epoch checkpoint holds numbers, not tensors

@@ -1,9 +1,10 @@
-"""Decisions taken at the end of an epoch. The decision is a pure function of the metric history
-(table-tested); the callback around it only keeps the state that a resumed run needs."""
+"""Early stopping (``trainer.early_stopping``): a pure function of the metric history, table-tested.
+
+The history is the run's own (``Progress.history``), so a resumed run decides as the uninterrupted
+one would; the loop has rank 0 decide (its clock) and every rank follow.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 from cifar10ds.config import EarlyStoppingConfig
 
@@ -41,21 +42,3 @@ def describe_stop(reason: str, cfg: EarlyStoppingConfig, last: dict[str, float],
     if reason == "time_budget":
         return f"early stop: time budget {cfg.time_budget_s}s reached after {epochs_run:g} epochs"
     return f"early stop: no {cfg.monitor} improvement > {cfg.min_delta} for {cfg.patience} epochs"
-
-
-class EarlyStopping:
-    """Thin wrapper: remembers the history and asks ``should_stop``."""
-
-    def __init__(self, cfg: EarlyStoppingConfig) -> None:
-        self.cfg = cfg
-        self.history: list[dict[str, float]] = []
-
-    def update(self, metrics: dict[str, float], elapsed_s: float) -> tuple[bool, str | None]:
-        self.history.append({k: metrics[k] for k in ("val_acc", "val_loss", "train_loss")})
-        return should_stop(self.history, self.cfg, elapsed_s)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = list(state["history"])

@@ -1,7 +1,7 @@
 import pytest
 
-from cifar10ds.callbacks import EarlyStopping, should_stop
 from cifar10ds.config import EarlyStoppingConfig
+from cifar10ds.early_stopping import should_stop
 
 
 def hist(values, key="val_acc"):
@@ -34,12 +34,3 @@ def test_should_stop_table(cfg, values, elapsed, expected):
 
 def test_should_stop_on_empty_history():
     assert should_stop([], EarlyStoppingConfig(patience=1, target=0.1), 1e9) == (False, None)
-
-
-def test_callback_state_round_trips():
-    cb = EarlyStopping(EarlyStoppingConfig(patience=2))
-    for v in (0.5, 0.6, 0.6):
-        assert cb.update({"val_acc": v, "val_loss": 1, "train_loss": 1}, 0) == (False, None)
-    resumed = EarlyStopping(EarlyStoppingConfig(patience=2))
-    resumed.load_state_dict(cb.state_dict())
-    assert resumed.update({"val_acc": 0.6, "val_loss": 1, "train_loss": 1}, 0) == (True, "patience")

@@ -1,0 +1,98 @@
+"""Evaluation (exact across ranks, with optional test-time augmentation) and the device clock that times it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from cifar10ds.batches import Augment, eval_shard
+from cifar10ds.data import DeviceData
+from cifar10ds.dist import DistInfo, all_reduce_sum
+from cifar10ds.engines import Backend
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Seconds of device work between two marks: CUDA events on a GPU (how airbench times itself), the host
+    clock elsewhere. ``mark()`` after a sync starts at an idle device; ``since()`` waits for the device.
+
+    What is not training (data preparation before the epoch, the first step's compile, evaluation,
+    checkpoints) lies outside the marks.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def since(self, start: Any) -> float:
+        if not self.cuda:
+            return time.perf_counter() - start
+        end = self.mark()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+
+
+def tta_logits(forward: Any, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Logits with test-time augmentation: 0 none; 1 the mean over the image and its mirror image;
+    2 half that, plus a quarter each of the same for the image shifted one pixel up-left and down-right."""
+    if level == 0:
+        return forward(x).float()
+
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (forward(v).float() + forward(v.flip(-1)).float())
+
+    logits = mirrored(x)
+    if level == 1:
+        return logits
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = 0.5 * (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:]))
+    return 0.5 * logits + 0.5 * shifted
+
+
+@torch.no_grad()
+def evaluate(backend: Backend, data: DeviceData, augment: Augment, info: DistInfo, batch_size: int,
+             tta_level: int = 0) -> dict[str, float]:
+    """The test set's metrics (mean loss, accuracy), each image counted once across ranks."""
+    if info.world_size > 1:
+        # BatchNorm running statistics are per rank under DeepSpeed. Evaluate one model, rank 0's
+        # (DDP's convention, and what model.pt and the checkpoints hold), on every rank.
+        for buf in backend.module.buffers():
+            dist.broadcast(buf, src=0)
+    backend.train(False)
+    idx, valid = eval_shard(len(data.test_y), info.world_size, info.rank)
+    idx, valid = idx.to(backend.device), valid.to(backend.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=backend.device)  # loss, correct, count
+    for i in range(0, len(idx), batch_size):
+        bi, bv = idx[i : i + batch_size], valid[i : i + batch_size]
+        y = data.test_y[bi]
+        logits = tta_logits(backend.forward, augment.normalize(data.test_x[bi]), tta_level)
+        sums[0] += (F.cross_entropy(logits, y, reduction="none") * bv).sum()
+        sums[1] += ((logits.argmax(1) == y) & bv).sum()
+        sums[2] += bv.sum()
+    loss_sum, correct, count = all_reduce_sum(sums).tolist()
+    return {"val_loss": loss_sum / count, "val_acc": correct / count}
+
+
+def timed_evaluate(backend: Backend, data: DeviceData, augment: Augment, info: DistInfo, batch_size: int,
+                   tta_level: int = 0) -> tuple[dict[str, float], float]:
+    """``evaluate`` and the device seconds it took."""
+    clock = Clock(backend.device)
+    sync(backend.device)
+    start = clock.mark()
+    metrics = evaluate(backend, data, augment, info, batch_size, tta_level)
+    return metrics, clock.since(start)
