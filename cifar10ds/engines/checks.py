@@ -17,12 +17,18 @@ _DEEPSPEED_ONLY_OPTIMIZERS = {"lamb", "onebitadam", "zerooneadam", "onebitlamb",
 
 
 def check_precision(ds_config: dict[str, Any]) -> None:
-    """Refuse a precision the accelerator cannot run, before DeepSpeed fails deep inside."""
+    """Refuse a precision the accelerator cannot train in, before DeepSpeed fails deep inside (or, worse, does not).
+
+    fp16 on a CPU is refused even where DeepSpeed calls it supported (CPUs with AVX512-FP16): DeepSpeed 0.19.8's fp16
+    optimizer without ZeRO divides gradients by a loss scale that its engine.backward() never applied, so nothing
+    trains (docs/troubleshooting.md), and a CPU's half format is bf16 anyway.
+    """
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
+    on_cpu = acc.device_name() == "cpu"
     for key, supported in (("fp16", acc.is_fp16_supported), ("bf16", acc.is_bf16_supported)):
-        if ds_config.get(key, {}).get("enabled") and not supported():
+        if ds_config.get(key, {}).get("enabled") and (not supported() or (key == "fp16" and on_cpu)):
             other = "bf16.enabled=true or " if key == "fp16" and acc.is_bf16_supported() else ""
             raise ConfigError(
                 f"{key}.enabled=true is not supported on this device ({acc.device_name()}); "
