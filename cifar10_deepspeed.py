@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> dict:
     ds = data.load_for_run(t.data, info)
     torch.manual_seed(t.seed)
     model = models.create_model(t.model, num_classes=ds.num_classes)
-    groups = optim.param_groups(model, t.param_groups, cfg.ds["optimizer"].get("params", {}))
+    groups = optim.param_groups(model, t.param_groups, cfg.ds["optimizer"].get("params", {}),
+                                models.hook(model, "freeze_after_epochs"))
     run_plan = plan.make_plan(cfg, model, groups, len(ds.train_y), info.world_size, backend_name,
                               torch.cuda.is_available())
     cfg = run_plan.config

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import models
 from cifar10ds import checkpoint as ckpt
 from cifar10ds.averaging import Lookahead
 from cifar10ds.batches import Augment, shard_indices
@@ -172,8 +171,7 @@ def run_epoch(loop: Loop) -> tuple[int, EpochSums, int, str]:
     loop.backend.train(True)
     if loop.state.lookahead is not None:
         loop.state.lookahead.start_epoch()  # back from the average the last epoch ended on to the training weights
-    if on_epoch_start := models.hook(loop.backend.module, "on_epoch_start"):
-        on_epoch_start(epoch)
+    loop.backend.start_epoch(epoch)
     bar = loop.reporter.progress(steps, f"epoch {epoch + 1}/{plan.epochs}", initial=p.step_in_epoch)
     signum, doctor, stopping = 0, CONTINUE, False
     sync(loop.backend.device)

@@ -11,27 +11,41 @@ import torch.nn as nn
 from cifar10ds.errors import ConfigError
 
 
-def param_groups(model: nn.Module, rules: list[Any], opt_params: dict[str, Any]) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, rules: list[Any], opt_params: dict[str, Any],
+                 freeze_after_epochs: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """The optimizer's parameter groups: every trainable parameter once, the first matching rule's group.
 
     The parameters no rule matches come first, with the optimizer's own lr and weight_decay (so the lr the
     trainer reports is theirs); each rule's group follows with its scaled lr and weight_decay. Frozen
-    parameters (requires_grad False when the engine is built) are left out.
+    parameters (requires_grad False when the engine is built) are left out. Each parameter named in
+    ``freeze_after_epochs`` (the model's hook) gets a group of its own at the end, with the lr and weight_decay
+    it would have had and the key ``freeze_after_epochs``: the engine holds that group's lr at 0 from then on.
     """
     base_lr = float(opt_params.get("lr", 0.001))
     base_wd = float(opt_params.get("weight_decay", 0.0))
+    freeze = freeze_after_epochs or {}
     buckets: list[list[nn.Parameter]] = [[] for _ in range(len(rules) + 1)]
+    own: list[tuple[int, nn.Parameter, int]] = []  # (bucket, parameter, epochs) of the parameters frozen later
     for name, p in model.named_parameters():
         if p.requires_grad:
             i = next((i for i, r in enumerate(rules) if re.search(r.match, name)), -1)
-            buckets[i + 1].append(p)
+            if name in freeze:
+                own.append((i + 1, p, freeze[name]))
+            else:
+                buckets[i + 1].append(p)
+    scales = [(1.0, 1.0)] + [(r.lr_scale, r.weight_decay_scale) for r in rules]
     groups: list[dict[str, Any]] = [{"params": buckets[0]}] if buckets[0] else []
     for i, (rule, params) in enumerate(zip(rules, buckets[1:])):
-        if not params:
+        if not params and not any(b == i + 1 for b, _, _ in own):
             names = [n for n, p in model.named_parameters() if p.requires_grad]
             raise ConfigError(f"trainer.param_groups[{i}].match={rule.match!r} matches no trainable parameter (or an "
                               f"earlier rule took them all); this model's names look like {', '.join(names[:4])}, ...")
-        groups.append({"params": params, "lr": base_lr * rule.lr_scale, "weight_decay": base_wd * rule.weight_decay_scale})
+        if params:
+            groups.append({"params": params, "lr": base_lr * rule.lr_scale, "weight_decay": base_wd * rule.weight_decay_scale})
+    for bucket, p, epochs in own:
+        lr_scale, wd_scale = scales[bucket]
+        groups.append({"params": [p], "lr": base_lr * lr_scale, "weight_decay": base_wd * wd_scale,
+                       "freeze_after_epochs": epochs})
     return groups
 
 

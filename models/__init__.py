@@ -4,11 +4,13 @@ Every constructor takes ``num_classes`` and returns an ``nn.Module`` mapping a f
 ``(N, 3, 32, 32)`` to logits ``(N, num_classes)``. Importing this package registers the
 built-in families (one file each).
 
-A model may define these optional hooks; the trainer calls them through ``hook(model, name)``:
+A model may define these optional hooks; the trainer reads them through ``hook(model, name)``:
 
 - ``init_from_data(images)``: set weights from normalized training images (N, 3, H, W) of this run,
   before the engine is built (airbench94's whitening filters);
-- ``on_epoch_start(epoch)``: called before each epoch (0-based).
+- ``freeze_after_epochs``: a dict, parameter name -> the number of epochs it trains for; after that it
+  stays exactly as it is (airbench94's whitening bias). The parameter keeps its gradient (DDP, ZeRO and
+  torch.compile see the same graph every step); its own parameter group's lr is held at 0.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ def create_model(name: str, num_classes: int = 10) -> nn.Module:
     return _REGISTRY[name](num_classes=num_classes)
 
 
-HOOKS = ("init_from_data", "on_epoch_start")
+HOOKS = ("init_from_data", "freeze_after_epochs")
 
 
-def hook(model: nn.Module, name: str) -> Callable[..., Any] | None:
+def hook(model: nn.Module, name: str) -> Any:
     """The model's optional hook ``name`` (one of ``HOOKS``), or None where it has none."""
     if name not in HOOKS:
         raise ValueError(f"unknown model hook {name!r}; hooks: {', '.join(HOOKS)}")

@@ -5,7 +5,7 @@ The design of Keller Jordan's airbench94 (94% on CIFAR-10 in seconds), rebuilt f
 - ``whiten``: a 2x2 convolution whose 24 filters are the eigenvectors of the training images' 2x2
   patch covariance, scaled to unit variance, each with its negation. It is computed from data
   (``init_from_data``, which the trainer calls before the engine starts) and never trained; its
-  bias trains for the first ``whiten_bias_epochs`` epochs only (``on_epoch_start``).
+  bias trains for the first ``whiten_bias_epochs`` epochs only (``freeze_after_epochs``).
 - three groups of conv3x3 -> maxpool 2 -> BatchNorm -> GELU -> conv3x3 -> BatchNorm -> GELU, widths
   64, 256, 256; every conv starts as an identity on its first input channels (Dirac init), an
   implicit residual connection.
@@ -57,7 +57,7 @@ class Airbench(nn.Module):
         self.whiten = nn.Conv2d(3, 2 * 3 * whiten_kernel**2, kernel_size=whiten_kernel, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         nn.init.zeros_(self.whiten.bias)
-        self.whiten_bias_epochs = whiten_bias_epochs
+        self.freeze_after_epochs = {"whiten.bias": whiten_bias_epochs}
         self.groups = nn.Sequential(ConvGroup(self.whiten.out_channels, widths[0]), ConvGroup(widths[0], widths[1]),
                                     ConvGroup(widths[1], widths[2]))
         self.head = nn.Linear(widths[2], num_classes, bias=False)
@@ -75,10 +75,6 @@ class Airbench(nn.Module):
         order = eigenvalues.argsort(descending=True)
         filters = (eigenvectors[:, order] / torch.sqrt(eigenvalues[order] + eps)).T.reshape(-1, 3, k, k)
         self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
-
-    def on_epoch_start(self, epoch: int) -> None:
-        """The trainer calls this before each epoch (0-based): the whitening bias trains for the first few only."""
-        self.whiten.bias.requires_grad_(epoch < self.whiten_bias_epochs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(self.act(self.whiten(x)))  # 32 -> 31 -> 15 -> 7 -> 3 pixels

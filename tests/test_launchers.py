@@ -82,3 +82,37 @@ def test_accelerate_reports_what_it_cannot_honour(tmp_path, config, data):
                         "--set", "flops_profiler.enabled=false")
     assert "warning: the accelerate backend ignores DeepSpeed key(s) flops_profiler" in r.stderr
     assert summary["backend"] == "accelerate"
+
+
+def _whiten_bias(checkpoint):
+    """airbench94's whitening bias as a checkpoint of either backend holds it."""
+    import torch
+
+    deepspeed_file = checkpoint / "mp_rank_00_model_states.pt"
+    if deepspeed_file.exists():
+        return torch.load(deepspeed_file, weights_only=False)["module"]["whiten.bias"]
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "model.safetensors")["whiten.bias"]
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
+def test_the_speed_preset_trains_on_two_ranks_past_its_whitening_bias_epochs(tmp_path, data, launcher):
+    """airbench94's whitening bias trains for 3 epochs, then stays exactly as it is (no gradient step, no
+    momentum, no weight decay), while DDP and DeepSpeed keep averaging every parameter's gradient."""
+    from tests.helpers import ROOT
+
+    launch = deepspeed_launcher(2, free_port()) if launcher == "deepspeed" else accelerate_launcher(2, free_port())
+    out = tmp_path / "out"
+    r = run_cli(["--deepspeed_config", str(ROOT / "configs" / "speedrun94.json"), "--data-dir", str(data),
+                 "--output-dir", str(out), "--quiet", "--set", "train_batch_size=40", "--set", "trainer.epochs=5",
+                 "--set", "trainer.data.download=false", "--set", "trainer.checkpoint.every_epochs=1",
+                 "--set", "trainer.checkpoint.keep_last=5",
+                 # Lookahead blends every weight, this bias included, as airbench94's does: off, to see the freeze alone
+                 "--set", "trainer.lookahead.enabled=false"], tmp_path, timeout=400, launcher=launch)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["world_size"], summary["steps"]) == (2, 25)  # 200 images / 2 ranks / 20 a batch, 5 epochs
+    bias = [_whiten_bias(out / "checkpoints" / f"step{5 * epoch:08d}") for epoch in (1, 2, 3, 4, 5)]
+    assert not bias[0].equal(bias[1]) and not bias[1].equal(bias[2])  # it trains for 3 epochs
+    assert bias[2].equal(bias[3]) and bias[2].equal(bias[4])  # then not at all

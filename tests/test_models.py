@@ -92,11 +92,8 @@ def test_airbench_whitening_layer_whitens_the_patches_it_was_computed_from():
     z = patches @ w[:12].reshape(12, 12).T
     cov = z.T @ z / len(z)
     assert torch.allclose(cov, torch.eye(12), atol=0.02)  # uncorrelated, unit variance (but for eps 5e-4: 0.99)
-    # The whitening bias trains for the first 3 epochs only; BatchNorm scales never train.
-    model.on_epoch_start(2)
-    assert model.whiten.bias.requires_grad
-    model.on_epoch_start(3)
-    assert not model.whiten.bias.requires_grad
+    # The whitening bias trains for the first 3 epochs only (it keeps its gradient); BatchNorm scales never train.
+    assert models.hook(model, "freeze_after_epochs") == {"whiten.bias": 3} and model.whiten.bias.requires_grad
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("norm1.weight"))
     # Dirac init: each conv starts as the identity on its first input channels.
     conv = model.groups[1].conv1.weight

@@ -337,3 +337,26 @@ def test_the_speed_preset_reads_nothing_back_from_the_device_per_step(tmp_path, 
     if dtype == "float16":  # the scales still reach steps.jsonl
         steps = [json.loads(line) for line in (tmp_path / "e2" / "steps.jsonl").read_text().splitlines()]
         assert len(steps) == 20 and all(s["loss_scale"] == 65536.0 for s in steps)
+
+
+def test_a_parameter_frozen_after_some_epochs_gets_a_group_of_its_own_held_at_lr_0_then():
+    from cifar10ds.engines.base import Backend
+
+    model = models.create_model("airbench94")
+    rules = [ParamGroupRule(match=r"norm\d\.bias$", lr_scale=64.0, weight_decay_scale=0.015625)]
+    groups = param_groups(model, rules, {"lr": 1.5, "weight_decay": 0.0128}, {"whiten.bias": 3})
+    assert [g.get("freeze_after_epochs") for g in groups] == [None, None, 3]
+    assert groups[2]["params"] == [model.whiten.bias] and (groups[2]["lr"], groups[2]["weight_decay"]) == (1.5, 0.0128)
+    assert all(model.whiten.bias is not p for g in groups[:2] for p in g["params"])
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([{"params": [w], "lr": 0.1, "freeze_after_epochs": 1}], momentum=0.9, weight_decay=0.1)
+    backend = object.__new__(Backend)
+    backend._param_groups = lambda: opt.param_groups
+    for epoch in range(3):
+        backend.start_epoch(epoch)
+        before = w.detach().clone()
+        w.grad = torch.ones(3)
+        opt.step()
+        backend._rescale_after_schedule()
+        assert w.equal(before) == (epoch >= 1)  # trains in epoch 0; then no momentum, no weight decay moves it

@@ -41,6 +41,7 @@ class Backend:
     lr_scale: float = 1.0  # the doctor's rollbacks lower it (set_lr_scale)
     _pending: torch.Tensor | None = None  # this optimizer step's global gradient norm, once computed
     _param_norms: tuple[list[str], torch.Tensor] | None = None  # each gradient's norm, for nonfinite_layer()
+    _held: list[dict[str, Any]] = []  # param groups held at lr 0 (start_epoch)
 
     def train(self, mode: bool = True) -> None:
         raise NotImplementedError
@@ -78,6 +79,13 @@ class Backend:
         bad = [name for name, v in zip(names, values.tolist()) if not math.isfinite(v)]
         return bad[-1].rsplit(".", 1)[0] if bad else None
 
+    def start_epoch(self, epoch: int) -> None:
+        """Before epoch ``epoch`` (0-based): hold the param groups whose training ended (``freeze_after_epochs``) at
+        lr 0, which leaves them exactly as they are whatever the optimizer (momentum, weight decay included)."""
+        self._held = [g for g in self._param_groups() if g.get("freeze_after_epochs", epoch + 1) <= epoch]
+        for group in self._held:
+            group["lr"] = 0.0
+
     def set_lr_scale(self, scale: float, current: float) -> None:
         """From now on train at ``scale`` x the scheduled lr; the param groups hold ``current`` x it now."""
         for group in self._param_groups():
@@ -88,10 +96,12 @@ class Backend:
         raise NotImplementedError
 
     def _rescale_after_schedule(self) -> None:
-        # Schedulers write the lr from their own formula at each step: put the scale back on top.
+        # Schedulers write the lr from their own formula at each step: put the scale and the holds back on top.
         if self.lr_scale != 1.0:
             for group in self._param_groups():
                 group["lr"] *= self.lr_scale
+        for group in self._held:
+            group["lr"] = 0.0
 
     def lr(self) -> float:
         raise NotImplementedError
