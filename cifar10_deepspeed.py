@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
         dist.warn(message)
     params = models.count_params(model)  # before the engine: ZeRO-3 partitions the parameters
     backend = engines.build_backend(backend_name, model, cfg.ds, warn=dist.warn, groups=groups,
-                                    channels_last=cfg.trainer.channels_last)
+                                    channels_last=cfg.trainer.channels_last, track_norm=t.stability.enabled)
     if t.compile:
         backend.compile(t.compile if isinstance(t.compile, str) else None)
     device_data = data.DeviceData.of(ds, backend.device)

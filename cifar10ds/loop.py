@@ -219,6 +219,7 @@ def train_step(loop: Loop, sums: EpochSums, idx: torch.Tensor, epoch: int) -> tu
     loss = loop.fault.poison(p.step + 1, loss)
     backend.backward(loss)
     lr = backend.lr()  # the lr this step uses (the engine's scheduler moves on inside step())
+    boundary = backend.at_boundary()  # an optimizer step
     if state.monitor is None:
         (norm, skipped), doctor = backend.step(), CONTINUE
     else:
@@ -229,7 +230,7 @@ def train_step(loop: Loop, sums: EpochSums, idx: torch.Tensor, epoch: int) -> tu
     loop.fault.maybe(p.step)
     loss = loss.detach()
     sums.add_step(loss, logits, y, skipped)
-    if norm is not None:
+    if boundary:
         sums.add_update(p.step, norm, lr, backend.loss_scale(), skipped)
     return loss, doctor
 

@@ -37,6 +37,7 @@ class Context:
     gradient_clipping: float
     num_classes: int = 10
     models_available: tuple[str, ...] = ()
+    min_loss_scale: float | None = None  # DeepSpeed's fp16 optimizers' floor (None without them)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class Monitor:
         ZeRO in fp32 checks nothing), so skipping is no longer possible.
         """
         s = self.seen
+        previous_scale = s.loss_scale_history[-1][1] if s.loss_scale_history else None
         if loss_scale is not None and (not s.loss_scale_history or s.loss_scale_history[-1][1] != loss_scale):
             s.loss_scale_history.append([step, loss_scale])
             del s.loss_scale_history[:-20]  # the recent history tells the story
@@ -104,6 +106,10 @@ class Monitor:
             s.max_consecutive_skips = max(s.max_consecutive_skips, s.consecutive_skips)
         else:
             s.consecutive_skips = 0
+        floor = self.context.min_loss_scale
+        if skipped and None not in (floor, loss_scale, previous_scale) and max(loss_scale, previous_scale) <= floor:
+            # an overflow at the minimum scale: ZeRO's optimizers raise here, DeepSpeed's others clamp and go on skipping
+            return self.loss_scale_floor(step, lr)
         if nonfinite:
             s.nonfinite_steps += 1
             if s.first_nonfinite_step is None:
@@ -228,6 +234,8 @@ def make_monitor(cfg: Any, module: Any, lr: float, num_classes: int, warn: Any) 
         optimizer=opt["type"], lr=float(opt.get("params", {}).get("lr", lr)),
         gradient_clipping=float(cfg.ds["gradient_clipping"]), num_classes=num_classes,
         models_available=tuple(models.list_models()),
+        min_loss_scale=float(cfg.ds["fp16"].get("min_loss_scale", 1)) if cfg.precision == "fp16" and not cfg.autocast
+        else None,
     )
     return Monitor(cfg.trainer.stability, context, warn)
 

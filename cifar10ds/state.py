@@ -88,16 +88,18 @@ class EpochSums:
             self.images += len(y)
 
     def add_update(self, step: int, norm: Any, lr: float, loss_scale: Any, skipped: bool) -> None:
-        """An optimizer step: the norm and loss scale may be device scalars, read at the epoch's end."""
+        """An optimizer step: the norm (None where it was not measured) and the loss scale may be device scalars, read
+        at the epoch's end."""
         self.updates.append((step, norm, lr, loss_scale, skipped))
 
     def host_updates(self) -> list[tuple[Any, ...]]:
         """The optimizer steps' (step, norm, lr, loss scale, skipped) in host numbers, read back in one copy."""
+        norms = [u[1] for u in self.updates if u[1] is not None]
         scales = [u[3] for u in self.updates if u[3] is not None]
-        values = host_floats([u[1] for u in self.updates] + scales)
-        read = iter(values[len(self.updates):])
-        return [(s, n, lr, None if scale is None else next(read), *rest)
-                for n, (s, _, lr, scale, *rest) in zip(values, self.updates)]
+        values = iter(host_floats(norms + scales))
+        norms_read = [None if u[1] is None else next(values) for u in self.updates]
+        return [(s, n, lr, None if scale is None else next(values), *rest)
+                for n, (s, _, lr, scale, *rest) in zip(norms_read, self.updates)]
 
     def metrics(self, world_size: int, first_step: int, epoch: int) -> tuple[dict[str, Any], int, list[dict[str, Any]]]:
         """Reduced across ranks (a collective): (the epoch's training metrics, images trained on, one row per step)."""
@@ -109,12 +111,14 @@ class EpochSums:
             rows.append({"step": first_step + i, "epoch": epoch + 1, "loss": v if math.isfinite(v) else None})
         for s, n, lr, scale, *rest in updates:
             row = rows[s - first_step]
-            row.update(grad_norm=n if math.isfinite(n) else None, lr=lr)
+            if n is not None:
+                row["grad_norm"] = n if math.isfinite(n) else None
+            row["lr"] = lr
             if scale is not None:
                 row["loss_scale"] = scale
             if rest and rest[0]:
                 row["skipped"] = True
-        finite = [n for _, n, *_ in updates if math.isfinite(n)]
+        finite = [n for _, n, *_ in updates if n is not None and math.isfinite(n)]
         metrics = {
             "train_loss": loss_sum / count if count else None,
             "train_acc": correct / count if count else None,

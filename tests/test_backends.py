@@ -171,3 +171,107 @@ def test_deepspeed_throughput_timer_is_off_unless_asked_for(tmp_path, extra, ena
     done = run_bounded([sys.executable, "-c", TIMER_PROBE, json.dumps(extra)], ROOT, env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) is enabled
+
+
+CLIP_PROBE = """
+import json, torch
+from deepspeed.runtime.utils import clip_grad_norm_
+from cifar10ds import dist
+from cifar10ds.engines.base import norm_and_clip
+dist.init_processes("deepspeed", 60)
+torch.manual_seed(0)
+a = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 30 * 30, 10))
+b = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 30 * 30, 10))
+b.load_state_dict(a.state_dict())
+out = []
+for max_norm, scale in ((1.0, 1.0), (0.01, 1.0), (1e6, 1.0), (1.0, 1e3)):
+    x = torch.randn(16, 3, 32, 32) * scale
+    for m in (a, b):
+        m.zero_grad()
+        m(x).square().mean().backward()
+    theirs = float(clip_grad_norm_(a.parameters(), max_norm))
+    ours, _ = norm_and_clip(list(b.named_parameters()), torch.device("cpu"), max_norm)
+    diff = max(float(((pa.grad - pb.grad).abs() / pa.grad.abs().clamp_min(1e-30)).max())
+               for pa, pb in zip(a.parameters(), b.parameters()))
+    out.append([theirs, float(ours), diff])
+print(json.dumps(out))
+"""
+
+
+def test_the_backends_clipping_is_deepspeeds_to_fp32_rounding(tmp_path):
+    """DeepSpeed's fp32 clip_grad_norm_ builds tensors from Python floats on the device every step (host-to-device
+    copies that wait for a GPU); the backend clips with the same formula from the norm it already has."""
+    import json
+    import sys
+
+    from tests.helpers import ROOT, cli_env, free_port, run_bounded
+
+    env = {**cli_env(tmp_path), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    done = run_bounded([sys.executable, "-c", CLIP_PROBE], ROOT, env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for theirs, ours, worst_relative_diff in json.loads(done.stdout.strip().splitlines()[-1]):
+        assert ours == pytest.approx(theirs, rel=1e-6)
+        assert worst_relative_diff < 1e-5  # every gradient clipped alike, to fp32 rounding
+
+
+@pytest.mark.parametrize("config, takes_over", [
+    ({}, True),  # fp32
+    ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, True),
+    ({"torch_autocast": {"enabled": True, "dtype": "float16"}}, False),  # GradScaler: DeepSpeed unscales, then clips
+    ({"bf16": {"enabled": True}}, False),  # DeepSpeed's bf16 optimizer clips as it unscales
+    ({"zero_optimization": {"stage": 1}}, False),
+])
+def test_the_backend_clips_where_deepspeed_would_use_clip_grad_norm(config, takes_over):
+    from cifar10ds.engines.deepspeed_engine import clips_fp32_gradients
+
+    assert clips_fp32_gradients({"gradient_clipping": 1.0, **config}) is takes_over
+
+
+FP16_PROBE = """
+import json, torch
+from cifar10ds import dist, engines
+from cifar10ds.engines import deepspeed_engine
+deepspeed_engine.check_precision = lambda cfg: None  # the trainer refuses fp16 on a CPU; the engine runs it here
+dist.init_processes("deepspeed", 60)
+out = {}
+for precision in ("fp32", "fp16"):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+           "optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "gradient_clipping": 0.0,
+           "fp16": {"enabled": precision == "fp16"}}
+    backend = engines.DeepSpeedBackend(model, cfg)
+    x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    deltas = []
+    for _ in range(3):
+        before = backend.module.weight.detach().float().clone()
+        loss = torch.nn.functional.cross_entropy(backend.forward(x).float(), y)
+        backend.backward(loss)
+        backend.step()
+        deltas.append(float((backend.module.weight.float() - before).abs().max()))
+    out[precision] = {"deltas": deltas, "scale": backend.loss_scale(), "skipped": backend.skipped_steps}
+print(json.dumps(out))
+"""
+
+
+def test_deepspeed_fp16_without_zero_trains_and_reports_its_loss_scale(tmp_path):
+    """DeepSpeed 0.19.8's engine.backward() leaves the loss unscaled for its fp16 optimizer without ZeRO, whose
+    step() divides by the scale (65,536x too small an update). Runs where DeepSpeed offers fp16 on this CPU."""
+    import json
+    import sys
+
+    from deepspeed.accelerator import get_accelerator
+
+    from tests.helpers import ROOT, cli_env, free_port, run_bounded
+
+    if not get_accelerator().is_fp16_supported():
+        pytest.skip("DeepSpeed runs no fp16 on this CPU (it needs AVX512-FP16); the GPU suite covers it")
+    env = {**cli_env(tmp_path), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    done = run_bounded([sys.executable, "-c", FP16_PROBE], ROOT, env, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["fp16"]["scale"] == 65536.0 and out["fp16"]["skipped"] == 0 and out["fp32"]["scale"] is None
+    for fp16, fp32 in zip(out["fp16"]["deltas"], out["fp32"]["deltas"]):
+        assert fp16 == pytest.approx(fp32, rel=0.02)  # the same update, to fp16's precision (not 65,536x smaller)

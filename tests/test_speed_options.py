@@ -331,12 +331,13 @@ def test_the_speed_preset_reads_nothing_back_from_the_device_per_step(tmp_path, 
         assert done.returncode == 0, done.stderr[-3000:]
         reads.append(json.loads(done.stdout.split("READS ")[-1]))
     per_epoch = {k: reads[1].get(k, 0) - reads[0].get(k, 0) for k in reads[1]}
-    # ours: the epoch's sums, its per-step losses, its per-step norms and loss scales (one copy each), the
-    # evaluation's sums
-    assert {k: v for k, v in per_epoch.items() if v} == {"tolist by us": 4, **theirs}
+    # ours: the epoch's sums, its per-step losses, the evaluation's sums, and in fp16 the per-step loss scales (one
+    # copy each); no gradient norm is measured (the doctor is off, nothing is clipped)
+    assert {k: v for k, v in per_epoch.items() if v} == {"tolist by us": 3 + (dtype == "float16"), **theirs}
+    steps = [json.loads(line) for line in (tmp_path / "e2" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 20 and all("grad_norm" not in s and s["lr"] > 0 for s in steps)
     if dtype == "float16":  # the scales still reach steps.jsonl
-        steps = [json.loads(line) for line in (tmp_path / "e2" / "steps.jsonl").read_text().splitlines()]
-        assert len(steps) == 20 and all(s["loss_scale"] == 65536.0 for s in steps)
+        assert all(s["loss_scale"] == 65536.0 for s in steps)
 
 
 def test_a_parameter_frozen_after_some_epochs_gets_a_group_of_its_own_held_at_lr_0_then():

@@ -247,3 +247,15 @@ def test_format_diagnosis_reads_as_a_short_block():
                                 "--set trainer.model=cnn3_bn --set 'optimizer=")
     assert "--set 'optimizer={\"type\": \"SGD\", \"params\": {\"lr\": 0.01, \"momentum\": 0.9}}'" in text
     assert len(lines) <= 12, text
+
+
+def test_loss_scale_floor_without_zero_is_an_overflow_at_the_minimum_scale():
+    """DeepSpeed's fp16 optimizers without ZeRO clamp the scale at min_loss_scale and go on skipping; ZeRO's raise."""
+    m = monitor(context=ctx(precision="fp16", min_loss_scale=1.0), on_nonfinite="stop", max_consecutive_skips=50)
+    steps = [(4.0, True), (2.0, True), (1.0, True), (1.0, False), (1.0, False), (1.0, True)]
+    actions = [m.observe_step(s, 2.3, INF if skip else 1.0, 1e-3, scale, skipped=skip)
+               for s, (scale, skip) in enumerate(steps, 1)]
+    assert actions == [SKIP, SKIP, SKIP, CONTINUE, CONTINUE, STOP]  # reaching the floor is not yet at it
+    assert m.seen.loss_scale_floor and m.diagnosis()["cause"] == "fp16_loss_scale_floor"
+    no_floor = monitor(context=ctx(precision="fp16"), max_consecutive_skips=50)  # torch's GradScaler: no minimum
+    assert [no_floor.observe_step(s, 2.3, INF, 1e-3, 1.0, skipped=True) for s in (1, 2)] == [SKIP, SKIP]

@@ -40,8 +40,10 @@ def choose_backend(requested: str) -> str:
 
 
 def build_backend(name: str, model: nn.Module, ds_config: dict[str, Any], warn: Any = print,
-                  groups: list[dict[str, Any]] | None = None, channels_last: bool = False) -> Backend:
-    """The engine for ``name``, its model in channels_last memory format when asked.
+                  groups: list[dict[str, Any]] | None = None, channels_last: bool = False,
+                  track_norm: bool = True) -> Backend:
+    """The engine for ``name``, its model in channels_last memory format when asked. ``track_norm``: measure the
+    global gradient norm at every optimizer step even where nothing needs it to clip (the doctor reads it).
 
     DeepSpeed gets the model as built (its start-up broadcast needs contiguous weights) and the module is
     converted after; Accelerate's DistributedDataParallel gets it converted, so its gradient buckets follow
@@ -49,10 +51,10 @@ def build_backend(name: str, model: nn.Module, ds_config: dict[str, Any], warn: 
     """
     check_params(ds_config.get("scheduler"))
     if name == "deepspeed":
-        backend: Backend = DeepSpeedBackend(model, ds_config, groups)
+        backend: Backend = DeepSpeedBackend(model, ds_config, groups, track_norm)
         if channels_last:
             backend.module.to(memory_format=torch.channels_last)
         return backend
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    return AccelerateBackend(model, ds_config, warn, groups)
+    return AccelerateBackend(model, ds_config, warn, groups, track_norm)

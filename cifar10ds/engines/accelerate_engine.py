@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from cifar10ds.dist import multi_process_cpu
-from cifar10ds.engines.base import Backend, scaler_scale, total_norm
+from cifar10ds.engines.base import Backend, norm_and_clip, scaler_scale
 from cifar10ds.engines.checks import accelerate_precision, check_accelerate_config
 from cifar10ds.errors import ConfigError
 from cifar10ds.optim import build_torch_optimizer
@@ -29,7 +29,7 @@ class AccelerateBackend(Backend):
     name = "accelerate"
 
     def __init__(self, model: nn.Module, ds_config: dict[str, Any], warn: Any = print,
-                 groups: list[dict[str, Any]] | None = None) -> None:
+                 groups: list[dict[str, Any]] | None = None, track_norm: bool = True) -> None:
         from accelerate import Accelerator
 
         for message in check_accelerate_config(ds_config):
@@ -54,6 +54,7 @@ class AccelerateBackend(Backend):
         self.device = self.accelerator.device
         self.input_dtype = torch.float32  # autocast casts inside the model
         self.clip = float(ds_config["gradient_clipping"])  # the resolved config always has it
+        self.track_norm = track_norm
         self._skipped = 0
         self._accumulating = contextlib.ExitStack()
         self._in_micro_step = False
@@ -76,16 +77,13 @@ class AccelerateBackend(Backend):
         return bool(self.accelerator.sync_gradients)
 
     def grad_norm(self) -> torch.Tensor | None:
-        if not self.at_boundary():
+        if not self.at_boundary() or not (self.track_norm or self.clip > 0):
             return None
         if self._pending is None:
             if self.accelerator.scaler is not None:
                 self.accelerator.unscale_gradients()  # once per step; the scaler remembers it did
             params = [(n, p) for n, p in self.module.named_parameters() if p.grad is not None]
-            norm, self._param_norms = total_norm([(n, p.grad) for n, p in params], self.device)
-            if self.clip > 0:  # what clip_grad_norm_ does, with the norm already in hand (it takes parameters)
-                torch.nn.utils.clip_grads_with_norm_([p for _, p in params], self.clip, norm)
-            self._pending = norm.detach()
+            self._pending, self._param_norms = norm_and_clip(params, self.device, self.clip)
         return self._pending
 
     def step(self, skip: bool = False) -> tuple[torch.Tensor | float | None, bool]:

@@ -23,6 +23,16 @@ def total_norm(named: list[tuple[str, torch.Tensor]], device: torch.device
     return torch.linalg.vector_norm(norms), ([n for n, _ in named], norms)
 
 
+def norm_and_clip(params: list[tuple[str, nn.Parameter]], device: torch.device, max_norm: float
+                  ) -> tuple[torch.Tensor, tuple[list[str], torch.Tensor]]:
+    """``total_norm`` of the parameters' gradients, clipping them to ``max_norm`` when it is > 0: what
+    clip_grad_norm_ does, from the norm in hand and on the device only (no host read, no host-to-device copy)."""
+    norm, per_param = total_norm([(n, p.grad) for n, p in params], device)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for _, p in params], max_norm, norm)
+    return norm.detach(), per_param
+
+
 def scaler_scale(scaler: Any) -> torch.Tensor | float:
     """A torch GradScaler's current scale with no host read: a copy of its device scalar (``update()`` changes the
     scalar in place). ``get_scale()`` is a host read, a GPU sync, and only the fallback (no scale on the device yet,
@@ -39,6 +49,7 @@ class Backend:
     input_dtype: torch.dtype
     module: nn.Module
     lr_scale: float = 1.0  # the doctor's rollbacks lower it (set_lr_scale)
+    track_norm: bool = True  # measure the global gradient norm at every optimizer step (else only to clip)
     _pending: torch.Tensor | None = None  # this optimizer step's global gradient norm, once computed
     _param_norms: tuple[list[str], torch.Tensor] | None = None  # each gradient's norm, for nonfinite_layer()
     _held: list[dict[str, Any]] = []  # param groups held at lr 0 (start_epoch)

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from cifar10ds.engines.base import Backend, LossScaleFloor, scaler_scale, total_norm
+from cifar10ds.config import precision_of
+from cifar10ds.engines.base import Backend, LossScaleFloor, norm_and_clip, scaler_scale
 from cifar10ds.engines.checks import check_precision
 from cifar10ds.errors import ConfigError
 from cifar10ds.optim import check_deepspeed_optimizer
@@ -22,13 +23,20 @@ from cifar10ds.optim import check_deepspeed_optimizer
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
-    def __init__(self, model: nn.Module, ds_config: dict[str, Any], groups: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, model: nn.Module, ds_config: dict[str, Any], groups: list[dict[str, Any]] | None = None,
+                 track_norm: bool = True) -> None:
         import deepspeed
 
         check_precision(ds_config)
         # The trainer logs to wandb itself (rank 0, failures never fatal); DeepSpeed's monitor on the
         # same block would open a second run and can stop training when wandb fails.
         ds_config = {k: v for k, v in ds_config.items() if k != "wandb"}
+        # Where DeepSpeed would clip fp32 gradients with its clip_grad_norm_ (no fp16/bf16 optimizer, no ZeRO, no
+        # GradScaler), the backend clips instead, with the same formula: DeepSpeed's builds two tensors from Python
+        # floats on the device every step, host-to-device copies that wait for the GPU.
+        self.clip = float(ds_config["gradient_clipping"]) if clips_fp32_gradients(ds_config) else 0.0
+        if self.clip:
+            ds_config["gradient_clipping"] = 0.0
         # DeepSpeed's throughput timer synchronises the GPU at every forward and every step by default,
         # which stops the host from queueing work ahead; the trainer measures throughput itself, so the
         # timer stays off unless the config asks for it ("timers": {"throughput": {...}}).
@@ -73,6 +81,10 @@ class DeepSpeedBackend(Backend):
         # torch_autocast in fp16 without ZeRO: DeepSpeed scales the loss with torch's GradScaler and unscales the
         # gradients only inside step(); what backward() leaves are the scaled ones.
         self._grad_scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+        self.track_norm = track_norm
+        # fp16 without ZeRO: DeepSpeed 0.19.8's engine.backward() does not apply the loss scale that its fp16
+        # optimizer's step() divides by (DeepSpeed PR #8393). Found out at the first backward (None until then).
+        self._scales_loss: bool | None = None if engine.fp16_enabled() and not engine.zero_optimization() else False
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
@@ -81,17 +93,38 @@ class DeepSpeedBackend(Backend):
         return self.engine(x.to(self.input_dtype))
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self._scales_loss:
+            loss = loss.float() * self.engine.optimizer.loss_scale
+        elif self._scales_loss is None:
+            self._scales_loss = self._first_backward(loss)
+            return
         self.engine.backward(loss)
+
+    def _first_backward(self, loss: torch.Tensor) -> bool:
+        """engine.backward(loss), finding out whether the engine applied the fp16 loss scale: the gradient reaching
+        ``loss`` is the factor it multiplied the loss by (over the accumulation steps). One host read, once. Where
+        it did not, this step's gradients are scaled now and every later loss before backward."""
+        reached: list[torch.Tensor] = []
+        loss.register_hook(reached.append)
+        self.engine.backward(loss)
+        applied = float(reached[0]) * self.engine.gradient_accumulation_steps()
+        scale = float(self.engine.optimizer.loss_scale)
+        if scale == 1.0 or abs(applied - 1.0) > 0.5:
+            return False
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        return True
 
     def at_boundary(self) -> bool:
         return bool(self.engine.is_gradient_accumulation_boundary())
 
     def grad_norm(self) -> torch.Tensor | None:
-        if self._engine_tracks_norm or not self.at_boundary():
+        if self._engine_tracks_norm or not self.at_boundary() or not (self.track_norm or self.clip > 0):
             return None
         if self._pending is None:
-            named = [(n, p.grad) for n, p in self.module.named_parameters() if p.grad is not None]
-            self._pending, self._param_norms = total_norm(named, self.device)
+            params = [(n, p) for n, p in self.module.named_parameters() if p.grad is not None]
+            self._pending, self._param_norms = norm_and_clip(params, self.device, self.clip)
             if self._grad_scaler is not None:  # an overflow stays inf: the scaler skips that step itself
                 self._pending = self._pending / scaler_scale(self._grad_scaler)
         return self._pending
@@ -139,7 +172,8 @@ class DeepSpeedBackend(Backend):
     def loss_scale(self) -> torch.Tensor | float | None:
         if self._grad_scaler is not None:
             return scaler_scale(self._grad_scaler)
-        scale = getattr(self.engine.optimizer, "cur_scale", None) if self.engine.fp16_enabled() else None
+        # every fp16 optimizer DeepSpeed builds (FP16_Optimizer, FP16_UnfusedOptimizer, ZeRO 1-3) has loss_scale
+        scale = getattr(self.engine.optimizer, "loss_scale", None) if self.engine.fp16_enabled() else None
         return None if scale is None else float(scale)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
@@ -162,3 +196,12 @@ class DeepSpeedBackend(Backend):
     @property
     def skipped_steps(self) -> int:
         return int(self.engine.skipped_steps)
+
+
+def clips_fp32_gradients(ds_config: dict[str, Any]) -> bool:
+    """Whether DeepSpeed would clip with its fp32 clip_grad_norm_: no fp16/bf16 optimizer, no ZeRO, no GradScaler
+    (torch_autocast in bf16 or none)."""
+    zero = bool(ds_config.get("zero_optimization", {}).get("stage"))
+    autocast = bool(ds_config.get("torch_autocast", {}).get("enabled"))
+    precision = precision_of(ds_config)
+    return not zero and (precision == "fp32" or (autocast and precision == "bf16"))
