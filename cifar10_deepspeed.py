@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
     backend = engines.build_backend(backend_name, model, cfg.ds, warn=dist.warn, groups=groups,
                                     channels_last=cfg.trainer.channels_last, track_norm=t.stability.enabled)
     if t.compile:
-        backend.compile(t.compile if isinstance(t.compile, str) else None)
+        backend.compile(t.compile if isinstance(t.compile, str) else None, None if run_plan.even_batches else True)
     device_data = data.DeviceData.of(ds, backend.device)
     ckpt_dir = Path(t.checkpoint.dir) if t.checkpoint.dir else out_dir / "checkpoints"
     resume = checkpoint.prepare(args.resume, ckpt_dir, t.checkpoint, info)

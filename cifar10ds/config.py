@@ -166,8 +166,9 @@ class TrainerConfig(_Section):
     )
     compile: bool | str = Field(
         False, description='torch.compile the model (DeepSpeed: engine.compile()); true = the default backend '
-        '("inductor"), a string names another ("eager" checks tracing only); the first step, which compiles, is timed '
-        "apart from train_time_s (compile_time_s)"
+        '("inductor"), a string names another ("eager" checks tracing only); the first step compiles, and the '
+        "evaluation's graphs with it, timed apart from train_time_s and eval_time_s (compile_time_s); a smaller last "
+        "batch compiles with dynamic shapes"
     )
     cpu_keep_freed_memory: bool = Field(
         True, description="on CPU (Linux, glibc): keep freed tensor memory in the process instead of returning it to "

@@ -60,7 +60,11 @@ def tta_logits(forward: Any, x: torch.Tensor, level: int) -> torch.Tensor:
         return logits
     h, w = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    shifted = 0.5 * (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:]))
+    # the shifted views laid out like x (a compiled model would compile again for a view's strides)
+    layout = torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    up_left, down_right = (v.contiguous(memory_format=layout) for v in (padded[..., :h, :w], padded[..., 2:, 2:]))
+    shifted = 0.5 * (mirrored(up_left) + mirrored(down_right))
     return 0.5 * logits + 0.5 * shifted
 
 
@@ -86,6 +90,25 @@ def evaluate(backend: Backend, data: DeviceData, augment: Augment, info: DistInf
         sums[2] += bv.sum()
     loss_sum, correct, count = all_reduce_sum(sums).tolist()
     return {"val_loss": loss_sum / count, "val_acc": correct / count}
+
+
+@torch.no_grad()
+def compile_evaluation(backend: Backend, data: DeviceData, augment: Augment, info: DistInfo, batch_size: int,
+                       tta_level: int) -> None:
+    """trainer.compile: run the evaluation's forward passes once (eval mode, its batch sizes, the test-time
+    augmentation's views) so that their graphs compile now, not inside a timed evaluation."""
+    per_rank = len(eval_shard(len(data.test_y), info.world_size, info.rank)[0])
+    backend.train(False)
+    for size in sorted({min(batch_size, per_rank), per_rank % batch_size or min(batch_size, per_rank)}):
+        tta_logits(backend.forward, augment.normalize(data.test_x[:size]), tta_level)
+    backend.train(True)
+
+
+def compiled_graphs() -> int:
+    """Graphs TorchDynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def timed_evaluate(backend: Backend, data: DeviceData, augment: Augment, info: DistInfo, batch_size: int,

@@ -25,7 +25,7 @@ from cifar10ds.data import DeviceData
 from cifar10ds.dist import DistInfo, StopSignal, broadcast_object, warn
 from cifar10ds.early_stopping import describe_stop, should_stop
 from cifar10ds.engines import Backend, LossScaleFloor
-from cifar10ds.evaluation import Clock, sync, timed_evaluate
+from cifar10ds.evaluation import Clock, compile_evaluation, compiled_graphs, sync, timed_evaluate
 from cifar10ds.faults import Fault
 from cifar10ds.plan import RunPlan
 from cifar10ds.stability import CONTINUE, GUIDE, ROLLBACK, STOP, Monitor, format_diagnosis, make_monitor
@@ -68,6 +68,7 @@ class Loop:
     clock: Clock
     started: float  # this process's start of training (perf_counter)
     compile_pending: bool  # trainer.compile: the next step compiles and is timed apart
+    graphs: int | None = None  # trainer.compile: graphs compiled when the first step's compiling ended
 
     @property
     def progress(self) -> Progress:
@@ -179,8 +180,10 @@ def run_epoch(loop: Loop) -> tuple[int, EpochSums, int, str]:
     for b in range(p.step_in_epoch, steps):
         first = clock.mark() if loop.compile_pending else None
         loss, doctor = train_step(loop, sums, shard[b * plan.micro : (b + 1) * plan.micro], epoch)
-        if first is not None:  # the first step compiles: timed on its own, not as training
-            p.compile_s, loop.compile_pending = clock.since(first), False
+        if first is not None:  # the first step compiles, and the evaluation with it: timed apart, not as training
+            t = plan.config.trainer
+            compile_evaluation(loop.backend, loop.data, loop.augment, loop.info, t.data.eval_batch_size, t.tta_level)
+            p.compile_s, loop.compile_pending, loop.graphs = clock.since(first), False, compiled_graphs()
             t0 = clock.mark()
         p.step_in_epoch = b + 1
         if bar is not None:
@@ -338,6 +341,8 @@ def _results(loop: Loop, stop_reason: str, signum: int, resume: ckpt.Found | Non
         "signal": signal.Signals(signum).name if signum else None,
         "train_time_s": p.train_time,
         "compile_time_s": p.compile_s,
+        # compiles that landed in timed training or evaluation (after the first step's)
+        "recompiles": None if loop.graphs is None else compiled_graphs() - loop.graphs,
         "train_images_per_s": p.images / p.train_time if p.train_time > 0 and p.images else None,
         "resumed_from": str(resume.path) if resume else None,
         "best_checkpoint": str(ckpt_dir / p.best_tag) if p.best_tag else None,

@@ -31,6 +31,7 @@ class RunPlan:
     epochs: int  # epochs begun (a fractional last epoch counts)
     optimizer_steps: int
     master_weights: bool  # the engine keeps its own fp32 copy of the weights (DeepSpeed bf16/fp16, ZeRO)
+    even_batches: bool  # every micro batch of an epoch has the same size (no smaller last one)
 
     @property
     def optimizer_steps_per_epoch(self) -> float:
@@ -69,7 +70,8 @@ def make_plan(cfg: Config, model: nn.Module, groups: list[dict[str, Any]], n_tra
     resolved = replace(cfg, ds=ds, trainer=t.model_copy(update={"channels_last": channels_last}))
     return RunPlan(config=resolved, n_train=n_train, micro=micro, accumulation=accumulation, per_epoch=per_epoch,
                    total_micro=total_micro, epochs=math.ceil(total_micro / per_epoch),
-                   optimizer_steps=optimizer_steps(per_epoch, t.epochs, accumulation), master_weights=master_weights)
+                   optimizer_steps=optimizer_steps(per_epoch, t.epochs, accumulation), master_weights=master_weights,
+                   even_batches=last_batch_size(n_train, world_size, micro, t.data.drop_last) == micro)
 
 
 def group_lrs(groups: list[dict[str, Any]], opt_params: dict[str, Any]) -> list[float]:

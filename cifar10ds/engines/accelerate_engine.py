@@ -111,8 +111,8 @@ class AccelerateBackend(Backend):
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def compile(self, backend: str | None = None) -> None:
-        self.model = torch.compile(self.model, **({"backend": backend} if backend else {}))
+    def compile(self, backend: str | None = None, dynamic: bool | None = None) -> None:
+        self.model = torch.compile(self.model, dynamic=dynamic, **({"backend": backend} if backend else {}))
 
     def _param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups

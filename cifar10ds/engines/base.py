@@ -138,6 +138,7 @@ class Backend:
     def skipped_steps(self) -> int:
         raise NotImplementedError
 
-    def compile(self, backend: str | None = None) -> None:
-        """torch.compile the model (trainer.compile) with ``backend`` (None: torch's default)."""
+    def compile(self, backend: str | None = None, dynamic: bool | None = None) -> None:
+        """torch.compile the model (trainer.compile) with ``backend`` (None: torch's default); ``dynamic``: torch.compile's
+        (True where the batch size changes within an epoch, so that the last batch does not compile again)."""
         raise NotImplementedError

@@ -162,9 +162,9 @@ class DeepSpeedBackend(Backend):
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def compile(self, backend: str | None = None) -> None:
+    def compile(self, backend: str | None = None, dynamic: bool | None = None) -> None:
         # DeepSpeed's own: compiles the module it wraps
-        self.engine.compile(**({"backend": backend} if backend else {}))
+        self.engine.compile(**({"backend": backend} if backend else {}), compile_kwargs={"dynamic": dynamic})
 
     def _param_groups(self) -> list[dict[str, Any]]:
         return self.engine.optimizer.param_groups
