@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,13 +136,17 @@ def parse_airbench_table(text: str) -> dict[str, float]:
     return {k: float(final[header.index(k)]) for k in ("tta_val_acc", "total_time_seconds")}
 
 
-def describe(name: str, runs: list[dict]) -> dict:
+def say_now(line: str) -> None:
+    print(line, flush=True)  # a run killed at a time limit keeps its output up to here
+
+
+def describe(name: str, runs: list[dict], say: Any = say_now) -> dict:
     from cifar10ds.stats import summarize
 
     acc = summarize([r["acc"] for r in runs])
     t = summarize([r["time_s"] for r in runs])
-    print(f"{name:<10} n={acc.n}  accuracy {100 * acc.mean:.2f}% ± {100 * acc.ci_half:.2f}  "
-          f"time {t.mean:.2f}s ± {t.ci_half:.2f}  (95% CI; min/max acc {100 * acc.min:.2f}/{100 * acc.max:.2f}%)")
+    say(f"{name:<10} n={acc.n}  accuracy {100 * acc.mean:.2f}% ± {100 * acc.ci_half:.2f}  "
+        f"time {t.mean:.2f}s ± {t.ci_half:.2f}  (95% CI; min/max acc {100 * acc.min:.2f}/{100 * acc.max:.2f}%)")
     return {"n": acc.n, "acc_mean": acc.mean, "acc_ci95": [acc.ci_low, acc.ci_high], "acc_std": acc.std,
             "time_mean_s": t.mean, "time_ci95_s": [t.ci_low, t.ci_high], "runs": runs}
 
@@ -166,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
                         "for long recipes; the first-run costs (CUDA context, cuDNN autotuning, compiling) come from "
                         "the model and batch shapes, not the data size (pick N with the same last batch as the full "
                         "set, e.g. 5008 for 50,000 at batch 32 or 64)")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT.json")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT.json",
+                   help="the report, rewritten after every seed (a run stopped early keeps the seeds it finished)")
+    p.add_argument("--budget-s", type=float, default=None, metavar="S",
+                   help="start no seed that would end after S seconds of this run (judged by the longest seed so "
+                        "far); the report says how many seeds ran")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
@@ -177,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     args.config = str(Path(args.config).resolve())
     if args.data_dir and Path(args.data_dir).expanduser().exists():
         args.data_dir = str(Path(args.data_dir).expanduser().resolve())
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    started = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="bench-"))
     ours: list[dict] = []
     theirs: list[dict] = []
-    warmup: dict | None = None
+    report: dict[str, Any] = {}
+    longest = 0.0
     try:
         from cifar10ds.config import load_config
 
@@ -194,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
             if rival is not None:
                 rival.run(10**6)
             print("warm-up runs done (not counted)", flush=True)
+            report["warmup_train_images"] = warmup["train_images"]
         for seed in range(args.first_seed, args.first_seed + args.seeds):
+            elapsed = time.monotonic() - started
+            if args.budget_s is not None and ours and elapsed + longest > args.budget_s:
+                print(f"time budget: {elapsed:.0f}s of {args.budget_s:g}s used, a seed takes up to {longest:.0f}s: "
+                      f"stopping after {len(ours)} seeds", flush=True)
+                break
             r = trainer_run(args, seed, scratch / f"seed{seed}")
             ours.append(r)
             print(f"seed {seed}: trainer  {100 * r['acc']:.2f}% in {r['time_s']:.2f}s", flush=True)
@@ -202,32 +218,35 @@ def main(argv: list[str] | None = None) -> int:
                 a = rival.run(seed)
                 theirs.append(a)
                 print(f"seed {seed}: airbench {100 * a['acc']:.2f}% in {a['time_s']:.2f}s", flush=True)
+            longest = max(longest, time.monotonic() - started - elapsed)
+            report.update(config=args.config, overrides=args.overrides, backend=args.backend, tta_level=tta,
+                          device=ours[0]["device"], versions=ours[0]["versions"], train_images=ours[0]["train_images"],
+                          test_images=ours[0]["test_images"], seeds_asked=args.seeds)
+            finish(report, ours, theirs, args.json, say=lambda line: None)  # kept if the run is stopped
     except UserError as e:
         print_line(f"{e.kind}: {e}")
         return EXIT_USER_ERROR
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the runs' folders (results are in the report), the data copy
-    print()
-    report = {"config": args.config, "overrides": args.overrides, "backend": args.backend, "tta_level": tta,
-              "device": ours[0]["device"], "versions": ours[0]["versions"], "train_images": ours[0]["train_images"],
-              "test_images": ours[0]["test_images"],
-              "warmup_train_images": warmup and warmup["train_images"]}
+    print(flush=True)
     finish(report, ours, theirs, args.json)
     return 0
 
 
-def finish(report: dict, ours: list[dict], theirs: list[dict], out: Path | None) -> None:
-    """Summarize the runs into the report (printed), with the comparison when airbench ran; write it to ``out``."""
-    report["trainer"] = describe("trainer", ours)
+def finish(report: dict, ours: list[dict], theirs: list[dict], out: Path | None, say: Any = say_now) -> None:
+    """Summarize the runs into the report (said), with the comparison when airbench ran; write it to ``out``."""
+    report["trainer"] = describe("trainer", ours, say)
     if theirs:
-        report["airbench"] = describe("airbench", theirs)
+        report["airbench"] = describe("airbench", theirs, say)
         ratio = report["trainer"]["time_mean_s"] / report["airbench"]["time_mean_s"]
         diff = report["trainer"]["acc_mean"] - report["airbench"]["acc_mean"]
         report["time_ratio"], report["acc_diff"] = ratio, diff
-        print(f"trainer / airbench mean time = {ratio:.3f}; accuracy difference = {100 * diff:+.2f} points")
+        say(f"trainer / airbench mean time = {ratio:.3f}; accuracy difference = {100 * diff:+.2f} points")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(out)  # a reader (or a kill) never sees half a report
 
 
 def merge(paths: list[Path], out: Path | None) -> int:

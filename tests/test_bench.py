@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -281,3 +282,34 @@ def test_parse_airbench_table_reads_its_own_final_row():
     cut_short = printed.rsplit("\n", 1)[0] + "\nRuntimeError: CUDA out of memory"
     with pytest.raises(RuntimeError, match="airbench printed no final \\(eval\\) row(.|\n)*CUDA out of memory"):
         parse_airbench_table(cut_short)
+
+
+@pytest.mark.slow
+def test_bench_writes_its_report_after_every_seed_and_keeps_to_a_time_budget(tmp_path, data):
+    """A GPU session ends at a hard time limit: what ran by then must be on disk, and a budget ends it cleanly."""
+    import signal
+    import subprocess
+    import time
+
+    base = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(ROOT / "configs" / "speedrun94.json"),
+            "--data-dir", str(data), "--set", "train_batch_size=40", "--set", "trainer.epochs=1",
+            "--set", "trainer.data.download=false", "--no-warmup"]
+    killed = tmp_path / "killed.json"
+    proc = subprocess.Popen(base + ["--seeds", "20", "--json", str(killed)], cwd=ROOT, env=cli_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not killed.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # as a device time limit would
+        proc.communicate()
+    report = json.loads(killed.read_text())  # whole: written to a temporary name, then renamed
+    assert 1 <= report["trainer"]["n"] == len(report["trainer"]["runs"]) < 20 and report["seeds_asked"] == 20
+
+    budgeted = tmp_path / "budget.json"
+    done = run_bounded(base + ["--seeds", "20", "--budget-s", "1", "--json", str(budgeted)], ROOT, cli_env(tmp_path),
+                       timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(budgeted.read_text())
+    assert report["trainer"]["n"] == 1 and "stopping after 1 seeds" in done.stdout  # a seed takes more than 1 s
