@@ -146,6 +146,13 @@ class Augment:
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+    def load_state_dict(self, state: dict) -> bool:
+        """Continue the saved draws; False where the state is another device type's generator (a checkpoint saved on
+        a GPU resumed on a CPU, or the reverse): then the draws go on from a seed made of that state instead."""
+        saved = state["generator"]
+        if saved.numel() == self.generator.get_state().numel():
+            self.generator.set_state(saved)
+            return True
+        self.generator.manual_seed(int.from_bytes(bytes(saved.tolist()[:8]), "little"))
+        return False
 

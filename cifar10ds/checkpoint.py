@@ -336,7 +336,9 @@ class Checkpointer:
             return client_state, None
         state = torch.load(rng_file(found.path, self.info.rank), weights_only=True)
         set_rng_state(state)
-        self.augment.load_state_dict(state["augment"])
+        if not self.augment.load_state_dict(state["augment"]):
+            warn(f"warning: {found.path.name} was saved on another kind of device: training continues, but its "
+                 "augmentations are not the ones an uninterrupted run would have drawn")
         with torch.no_grad():  # this rank's own BatchNorm statistics, not rank 0's from the engine's file
             for name, buf in self.backend.module.named_buffers():
                 buf.copy_(state["buffers"][name])

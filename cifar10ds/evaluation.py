@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,6 +21,21 @@ from cifar10ds.engines import Backend
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def sync_debug(device: torch.device) -> Iterator[None]:
+    """``CIFAR10DS_SYNC_DEBUG=warn|error`` on a GPU: torch.cuda's sync debug mode around what it wraps (the training
+    steps), so that every host read or blocking copy in them warns or raises (docs/troubleshooting.md)."""
+    mode = os.environ.get("CIFAR10DS_SYNC_DEBUG")
+    if not mode or device.type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 class Clock:

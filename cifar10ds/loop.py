@@ -25,7 +25,7 @@ from cifar10ds.data import DeviceData
 from cifar10ds.dist import DistInfo, StopSignal, broadcast_object, warn
 from cifar10ds.early_stopping import describe_stop, should_stop
 from cifar10ds.engines import Backend, LossScaleFloor
-from cifar10ds.evaluation import Clock, compile_evaluation, compiled_graphs, sync, timed_evaluate
+from cifar10ds.evaluation import Clock, compile_evaluation, compiled_graphs, sync, sync_debug, timed_evaluate
 from cifar10ds.faults import Fault
 from cifar10ds.plan import RunPlan
 from cifar10ds.stability import CONTINUE, GUIDE, ROLLBACK, STOP, Monitor, format_diagnosis, make_monitor
@@ -179,7 +179,8 @@ def run_epoch(loop: Loop) -> tuple[int, EpochSums, int, str]:
     t0 = clock.mark()
     for b in range(p.step_in_epoch, steps):
         first = clock.mark() if loop.compile_pending else None
-        loss, doctor = train_step(loop, sums, shard[b * plan.micro : (b + 1) * plan.micro], epoch)
+        with sync_debug(loop.backend.device):
+            loss, doctor = train_step(loop, sums, shard[b * plan.micro : (b + 1) * plan.micro], epoch)
         if first is not None:  # the first step compiles, and the evaluation with it: timed apart, not as training
             t = plan.config.trainer
             compile_evaluation(loop.backend, loop.data, loop.augment, loop.info, t.data.eval_batch_size, t.tta_level)

@@ -132,3 +132,16 @@ def test_init_sample_draws_from_every_class_of_class_sorted_data():
     assert torch.equal(idx, init_sample(len(labels), seed=0))  # fixed by the seed
     assert not torch.equal(idx, init_sample(len(labels), seed=1))
     assert sorted(init_sample(200, seed=0).tolist()) == list(range(200))  # all of a smaller set
+
+
+def test_augmentation_state_from_another_kind_of_device_reseeds_instead_of_failing():
+    """A CUDA generator's state (16 bytes) does not fit a CPU generator: a checkpoint saved on a GPU resumed on a
+    CPU goes on with draws seeded from it, and says so (the caller warns)."""
+    a = Augment(4, True, 0, seed=1, device=torch.device("cpu"))
+    b = Augment(4, True, 0, seed=2, device=torch.device("cpu"))
+    assert b.load_state_dict(a.state_dict()) is True
+    x = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(a(x), b(x))
+    cuda_like = {"generator": torch.arange(16, dtype=torch.uint8)}
+    assert b.load_state_dict(cuda_like) is False and a.load_state_dict(cuda_like) is False
+    assert torch.equal(a(x), b(x))  # the same seed made of the state, on every rank that loads it

@@ -83,34 +83,20 @@ def test_bench_memory_format_compares_both_formats_per_model(tmp_path):
         assert f"{name:12s} batch   32" in done.stdout
 
 
-def _bench_gpu(tmp_path, *args, bench_args=""):
-    env = cli_env(tmp_path)
-    env.update(PYTHON=sys.executable, BENCH_ARGS=bench_args)
-    return run_bounded(["bash", str(ROOT / "scripts" / "bench_gpu.sh"), *args], ROOT, env, timeout=400)
-
-
-def test_bench_gpu_refuses_an_unknown_part_before_running_any(tmp_path):
-    done = _bench_gpu(tmp_path, "data", str(tmp_path / "out"), "env", "speedrun9")
-    assert done.returncode == 2 and done.stderr.startswith("error: unknown part speedrun9; the parts are: env speedrun94")
+def test_the_gpu_kit_refuses_an_unknown_part_before_running_any(tmp_path):
+    done = run_bounded([str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out"), "--dry-run", "--parts",
+                        "tests speedrun9"], ROOT, {**cli_env(tmp_path), "PYTHON": sys.executable}, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith("gpu_check: unknown part speedrun9; the parts are: tests")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
-def test_bench_gpu_parts_write_their_reports_and_go_on_past_a_failure(tmp_path, data):
-    """On CPU with 1 seed of 1 epoch (BENCH_ARGS): each part's report, with the part's own overrides."""
-    import torch
-
+def test_the_gpu_kits_later_parts_carry_their_overrides(tmp_path, data):
     out = tmp_path / "out"
-    small = "--seeds 1 --no-warmup --set trainer.epochs=1 --set train_batch_size=40 --set trainer.data.download=false"
-    done = _bench_gpu(tmp_path, str(data), str(out), "env", "speedrun94", "speedrun94_doctor", "resnet18_fast",
-                      bench_args=small)
-    # speedrun94 needs airbench and a GPU (cli_env hides any GPU); the others ran
-    assert done.returncode == 1, done.stderr[-3000:]
-    assert f"torch {torch.__version__}" in (out / "env.txt").read_text()
-    assert not (out / "speedrun94.json").exists()
-    log = (out / "log.txt").read_text()
-    assert "== speedrun94: bench.py --seeds 10 --vs-airbench --seeds 1 --no-warmup" in log
-    assert "== speedrun94 failed (exit " in log
+    done = run_bounded([str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--data", str(data), "--dry-run",
+                        "--parts", "speedrun94_doctor resnet18_fast"], ROOT, {**cli_env(tmp_path), "PYTHON": sys.executable},
+                       timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
     doctor = json.loads((out / "speedrun94_doctor.json").read_text())
     assert doctor["trainer"]["n"] == 1 and doctor["config"].endswith("configs/speedrun94.json")
     assert "trainer.stability.enabled=true" in doctor["overrides"]
@@ -313,3 +299,23 @@ def test_bench_writes_its_report_after_every_seed_and_keeps_to_a_time_budget(tmp
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(budgeted.read_text())
     assert report["trainer"]["n"] == 1 and "stopping after 1 seeds" in done.stdout  # a seed takes more than 1 s
+
+
+@pytest.mark.slow
+def test_the_gpu_kit_refuses_a_machine_without_cuda_and_rehearses_every_part_on_a_cpu(tmp_path, data):
+    kit = [str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out"), "--data", str(data)]
+    env = {**cli_env(tmp_path), "PYTHON": sys.executable}
+    refused = run_bounded(kit, ROOT, env, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("gpu_check: no CUDA GPU here") and "--dry-run" in refused.stderr
+
+    done = run_bounded(kit + ["--dry-run", "--budget-s", "400"], ROOT, env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "out"
+    kit_report = json.loads((out / "kit.json").read_text())
+    assert [(p["part"], p["status"]) for p in kit_report["parts"]] == [
+        (name, "ok") for name in ("env", "data", "tests", "speedrun94", "resnet18", "bn_cnn", "resnet9")]
+    assert json.loads((out / "env.json").read_text())["torch"] == torch.__version__
+    assert "testsuite" in (out / "gpu-tests.xml").read_text()  # pytest -m gpu ran (and skipped: no CUDA)
+    for name in ("speedrun94", "resnet18", "bn_cnn", "resnet9"):
+        assert json.loads((out / f"{name}.json").read_text())["trainer"]["n"] == 1, name
