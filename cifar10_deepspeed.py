@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> dict:
     t = cfg.trainer
     backend_name = engines.choose_backend(args.backend)
     info, malloc_tuned = dist.start_processes(backend_name, t.dist_timeout_s, t.cpu_keep_freed_memory)
+    engines.check_config(backend_name, cfg.ds, cfg.path)  # every key DeepSpeed would refuse, before any work
     cfg.ds = plan.resolve_batch_sizes(cfg.ds, info.world_size)
     if args.resume == "auto" and not (args.output_dir or t.checkpoint.dir):
         raise config.ConfigError("--resume auto looks for checkpoints in the output dir: pass --output-dir DIR "
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print_line(f"{prefix}{e.kind}: {e}")
+        print_line(e.report(prefix))  # one write: a rank's lines never interleave with another's
         if torch_dist.is_initialized():
             # User errors after start-up are raised on every rank at the same point: meet once so
             # that each rank's line is out before the launcher kills the slower ones (a rank that

@@ -25,6 +25,7 @@ from cifar10ds.data import DeviceData
 from cifar10ds.dist import DistInfo, StopSignal, broadcast_object, warn
 from cifar10ds.early_stopping import describe_stop, should_stop
 from cifar10ds.engines import Backend, LossScaleFloor
+from cifar10ds.estimate import Estimate, StepTimer, announcement
 from cifar10ds.evaluation import Clock, compile_evaluation, compiled_graphs, sync, sync_debug, timed_evaluate
 from cifar10ds.faults import Fault
 from cifar10ds.plan import RunPlan
@@ -68,7 +69,9 @@ class Loop:
     clock: Clock
     started: float  # this process's start of training (perf_counter)
     compile_pending: bool  # trainer.compile: the next step compiles and is timed apart
+    timer: StepTimer  # times a few steps once, for the run's estimate
     graphs: int | None = None  # trainer.compile: graphs compiled when the first step's compiling ended
+    estimate: Estimate | None = None  # seconds per step and per evaluation: the timer's, then the last epoch's
 
     @property
     def progress(self) -> Progress:
@@ -130,9 +133,11 @@ def _start(backend: Backend, data: DeviceData, plan: RunPlan, info: DistInfo, re
     state.progress.wandb_id = reporter.wandb_id
     schedule = ckpt.SaveSchedule(t.checkpoint, plan.accumulation, rollback=monitor is not None and
                                  t.stability.on_nonfinite == "rollback")
+    clock = Clock(backend.device)
     return Loop(backend, data, plan, info, reporter, augment, state, checkpoints, schedule,
-                StopSignal(info, t.dist_timeout_s), Fault.from_env(info.rank), Clock(backend.device),
-                started=time.perf_counter(), compile_pending=bool(t.compile) and state.progress.step == 0)
+                StopSignal(info, t.dist_timeout_s), Fault.from_env(info.rank), clock,
+                started=time.perf_counter(), compile_pending=bool(t.compile) and state.progress.step == 0,
+                timer=StepTimer(clock, plan.accumulation))
 
 
 def _monitor(plan: RunPlan, backend: Backend, data: DeviceData) -> Monitor:
@@ -173,7 +178,9 @@ def run_epoch(loop: Loop) -> tuple[int, EpochSums, int, str]:
     if loop.state.lookahead is not None:
         loop.state.lookahead.start_epoch()  # back from the average the last epoch ended on to the training weights
     loop.backend.start_epoch(epoch)
-    bar = loop.reporter.progress(steps, f"epoch {epoch + 1}/{plan.epochs}", initial=p.step_in_epoch)
+    bar = loop.reporter.progress(steps, f"epoch {epoch + 1}/{plan.epochs}", initial=p.step_in_epoch,
+                                 left_s=_left_s(loop))
+    loop.timer.restart()  # the window never spans an evaluation
     signum, doctor, stopping = 0, CONTINUE, False
     sync(loop.backend.device)
     t0 = clock.mark()
@@ -187,6 +194,8 @@ def run_epoch(loop: Loop) -> tuple[int, EpochSums, int, str]:
             p.compile_s, loop.compile_pending, loop.graphs = clock.since(first), False, compiled_graphs()
             t0 = clock.mark()
         p.step_in_epoch = b + 1
+        if not loop.timer.done:
+            _estimate_run(loop, b + 1 == steps)
         if bar is not None:
             bar.update()
             if b % 50 == 0:  # one host sync per 50 steps, for the eye only
@@ -201,11 +210,31 @@ def run_epoch(loop: Loop) -> tuple[int, EpochSums, int, str]:
                 break
             loop.save(due)
             t0 = clock.mark()  # time spent saving is not training time
+            loop.timer.restart()
     if bar is not None:
         bar.close()
     if not stopping:
         _bank_time(loop, sums, t0)
     return steps, sums, signum, doctor
+
+
+def _estimate_run(loop: Loop, last_in_epoch: bool) -> None:
+    """Once the timer's window closes: the estimate for the run, said once and shown in the progress bar."""
+    step_s = loop.timer.step(last_in_epoch)
+    if step_s is None:
+        return
+    p, plan = loop.progress, loop.plan
+    loop.estimate = Estimate.from_steps(step_s, plan.micro, math.ceil(len(loop.data.test_y) / loop.info.world_size))
+    lines = announcement(loop.estimate, plan.total_micro - p.step, plan.epochs - p.epoch, plan.config.trainer.tta_level,
+                         on_cpu=loop.backend.device.type == "cpu")
+    loop.reporter.estimate(lines, _left_s(loop))
+
+
+def _left_s(loop: Loop) -> float | None:
+    """The run's estimated seconds left (None before the first estimate)."""
+    p, plan, est = loop.progress, loop.plan, loop.estimate
+    return None if est is None else est.left_s(plan.total_micro - p.step, plan.epochs - p.epoch,
+                                               plan.config.trainer.tta_level)
 
 
 def _bank_time(loop: Loop, sums: EpochSums, t0: Any) -> None:
@@ -294,6 +323,8 @@ def end_epoch(loop: Loop, steps: int, sums: EpochSums) -> str | None:
     tta = t.tta_level if epoch + 1 == plan.epochs else 0
     val_metrics, eval_time = timed_evaluate(loop.backend, loop.data, loop.augment, loop.info, t.data.eval_batch_size,
                                             tta)
+    if sums.time > 0 and not tta:  # the next bars' time left: this epoch's pace
+        loop.estimate = Estimate(sums.time / steps, eval_time)
     m = {"epoch": epoch + 1, "epoch_fraction": steps / plan.per_epoch, "step": p.step, **train_metrics,
          **val_metrics, "lr": loop.backend.lr(), "epoch_time_s": sums.time,
          "eval_time_s": eval_time, "tta_level": tta, "elapsed_s": loop.elapsed(),

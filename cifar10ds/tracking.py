@@ -16,6 +16,7 @@ import torch
 
 from cifar10ds.dist import DistInfo, on_main_then_share, warn
 from cifar10ds.errors import ConfigError
+from cifar10ds.estimate import duration
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,6 +69,8 @@ class Reporter:
         self.wandb = wandb or WandbLogger(None, False, self.out_dir, warn)
         self.run_config = run_config or {}
         self.wandb_id: str | None = None
+        self.bar: Any = None  # the epoch's progress bar while it is shown
+        self.bar_desc = ""
 
     def start(self) -> None:
         """A fresh run: empty metric files."""
@@ -112,13 +115,32 @@ class Reporter:
             with open(self.out_dir / name, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
-    def progress(self, total: int, desc: str, initial: int = 0) -> Any | None:
-        """A tqdm bar within the epoch, only on the main rank of an interactive terminal."""
+    def progress(self, total: int, desc: str, initial: int = 0, left_s: float | None = None) -> Any | None:
+        """A tqdm bar within the epoch, only on the main rank of an interactive terminal; ``left_s``: the run's
+        estimated seconds left, shown after ``desc``."""
+        self.bar = None
         if not self.is_main or self.quiet or not sys.stderr.isatty():
             return None
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+        self.bar_desc = desc
+        self.bar = tqdm(total=total, initial=initial, desc=bar_text(desc, left_s), leave=False, dynamic_ncols=True,
+                        file=sys.stderr)
+        return self.bar
+
+    def estimate(self, lines: list[str], left_s: float) -> None:
+        """The run's estimate: its lines once on the console (above the bar), the time left in the bar under way."""
+        if not self.is_main or self.quiet:
+            return
+        if self.bar is None:
+            for line in lines:
+                print(line, flush=True)
+            return
+        from tqdm import tqdm
+
+        for line in lines:
+            tqdm.write(line, file=sys.stdout)  # clears the bar, writes, draws it again
+        self.bar.set_description(bar_text(self.bar_desc, left_s))
 
     def epoch(self, m: dict[str, Any], total_epochs: int, steps: list[dict[str, Any]]) -> None:
         self.append_jsonl("metrics.jsonl", [m])
@@ -130,6 +152,11 @@ class Reporter:
             f"Epoch [{m['epoch']}/{total_epochs}] loss {loss} val_acc {100 * m['val_acc']:.2f}% "
             f"lr {m['lr']:.4g} grad_norm {gn} {m['epoch_time_s']:.1f}s total {m['elapsed_s']:.1f}s"
         )
+
+
+def bar_text(desc: str, left_s: float | None) -> str:
+    """The progress bar's description: the epoch, and the run's time left once estimated."""
+    return desc if left_s is None else f"{desc} (run: {duration(left_s)} left)"
 
 
 def device_name(device: torch.device) -> str:

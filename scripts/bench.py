@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                           test_images=ours[0]["test_images"], seeds_asked=args.seeds)
             finish(report, ours, theirs, args.json, say=lambda line: None)  # kept if the run is stopped
     except UserError as e:
-        print_line(f"{e.kind}: {e}")
+        print_line(e.report())
         return EXIT_USER_ERROR
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the runs' folders (results are in the report), the data copy

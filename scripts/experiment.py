@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             table = experiments.run_sweep(args.config, key, values.split(","), seeds, args.out, args.sets, **common)
             rows = [{"status": "failed"}] * sum(t["failed"] for t in table)
     except UserError as e:
-        print(f"{e.kind}: {e}", file=sys.stderr)
+        print(e.report(), file=sys.stderr)
         return EXIT_USER_ERROR
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 

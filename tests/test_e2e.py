@@ -195,7 +195,9 @@ def assert_user_error(r, message, ranks=1):
         (["--set", "optimizer.type=Shampoo"], "optimizer.type='Shampoo' is neither a DeepSpeed optimizer"),
         (["--set", "optimizer.params.betas=[0.9, 0.99]"], "optimizer.params for SGD: "),
         (["--set", "zero_optimization.stage=7"], "zero_optimization.stage must be 0, 1, 2 or 3"),
-        (["--set", 'zero_optimization.reduce_bucket_size="big"'], "DeepSpeed rejected the config"),
+        (["--set", 'zero_optimization.reduce_bucket_size="big"'],
+         "c.json: zero_optimization.reduce_bucket_size: Input should be a valid integer, unable to parse string as an "
+         "integer (got 'big')"),
         (["--set", "wandb=true"], "wandb must be an object"),
         (["--set", "optimizer={\"type\": \"Adam\", \"params\": {\"lr\": 0.001}}", "--set", "trainer.channels_last=true"],
          "trainer.channels_last=true: DeepSpeed's fused Adam on a CPU does not update weights stored channels_last"),

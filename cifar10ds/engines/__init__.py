@@ -14,11 +14,13 @@ import torch.nn as nn
 
 from cifar10ds.engines.accelerate_engine import AccelerateBackend
 from cifar10ds.engines.base import Backend, LossScaleFloor
+from cifar10ds.engines.checks import deepspeed_schema_problems
 from cifar10ds.engines.deepspeed_engine import DeepSpeedBackend
 from cifar10ds.errors import ConfigError
 from cifar10ds.schedules import check_params
 
-__all__ = ["AccelerateBackend", "Backend", "DeepSpeedBackend", "LossScaleFloor", "build_backend", "choose_backend"]
+__all__ = ["AccelerateBackend", "Backend", "DeepSpeedBackend", "LossScaleFloor", "build_backend", "check_config",
+           "choose_backend"]
 
 BACKENDS = ("auto", "deepspeed", "accelerate")
 
@@ -37,6 +39,16 @@ def choose_backend(requested: str) -> str:
         raise ConfigError(f"the {requested} backend needs the {requested} package: pip install {requested}, "
                           f"or use --backend {other}")
     return requested
+
+
+def check_config(name: str, ds_config: dict[str, Any], path: str) -> None:
+    """Every key of ``path`` that the engine ``name`` would refuse, before any work: one line each, with what to do.
+    The Accelerate backend ignores DeepSpeed's sections (it warns, once built)."""
+    if name != "deepspeed":
+        return
+    refused, deprecated = deepspeed_schema_problems(ds_config)
+    if refused:
+        raise ConfigError(*(f"{path}: {line}" for line in refused + deprecated))
 
 
 def build_backend(name: str, model: nn.Module, ds_config: dict[str, Any], warn: Any = print,

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from cifar10ds.config import precision_of
 from cifar10ds.engines.base import Backend, LossScaleFloor, norm_and_clip, scaler_scale
-from cifar10ds.engines.checks import check_precision
+from cifar10ds.engines.checks import check_precision, explain_validation_error, section_of
 from cifar10ds.errors import ConfigError
 from cifar10ds.optim import check_deepspeed_optimizer
 
@@ -47,7 +47,9 @@ class DeepSpeedBackend(Backend):
         try:
             params = groups if groups is not None else [p for p in model.parameters() if p.requires_grad]
             engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
-        except (deepspeed.DeepSpeedConfigError, ValidationError) as e:
+        except ValidationError as e:  # a section check_config does not read ahead
+            raise ConfigError(*explain_validation_error(e, section_of(e.title))) from None
+        except deepspeed.DeepSpeedConfigError as e:
             raise ConfigError(f"DeepSpeed rejected the config: {' '.join(str(e).split())[:400]}") from None
         except AssertionError as e:  # DeepSpeed asserts its ZeRO optimizer check
             if "zero_allow_untested_optimizer" not in str(e):
