@@ -6,6 +6,9 @@ folder to its final tag and writes ``COMMITTED.json`` last, listing every file w
 sha256. A checkpoint without that marker, or whose files no longer match it, is never resumed
 from. Old checkpoints are deleted only after the new one is committed.
 
+Before the engine loads a checkpoint, every file in it is checked for types outside the allow-list
+(``unpickling``): a checkpoint from elsewhere, or one altered with its marker rewritten to match, runs nothing.
+
 DeepSpeed alone writes in place and rewrites ``latest`` before every rank has finished, and
 silently starts from scratch when ``latest`` is missing: the trainer never reads ``latest``.
 
@@ -37,6 +40,7 @@ from cifar10ds.errors import ConfigError
 from cifar10ds.plan import RunPlan
 from cifar10ds.state import TrainingState
 from cifar10ds.tracking import prepare_output_dir
+from cifar10ds.unpickling import foreign_types, weights_only_loads
 
 MARKER = "COMMITTED.json"
 TMP_PREFIX = ".tmp-"
@@ -116,6 +120,25 @@ def verify(path: Path) -> dict[str, Any]:
         if f.stat().st_size != want["size"] or _sha256(f) != want["sha256"]:
             raise ConfigError(f"checkpoint {path}: {name} is corrupt (size or checksum differs from {MARKER})")
     return meta
+
+
+def check_types(path: Path) -> None:
+    """ConfigError unless every file of checkpoint ``path`` is its marker, safetensors (tensors only, by format), or a
+    torch.save file of allowed types; read without unpickling anything."""
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = f.relative_to(path).as_posix()
+        if name == MARKER or f.suffix == ".safetensors":
+            continue
+        try:
+            foreign = foreign_types(f)
+        except ValueError as e:
+            raise ConfigError(f"checkpoint {path}: {name} is not a file torch.save writes ({e}): refused, nothing was "
+                              "loaded; resume only checkpoints this trainer wrote") from None
+        if foreign:
+            raise ConfigError(
+                f"checkpoint {path}: {name} would build {', '.join(foreign[:3])}, which no checkpoint of this trainer "
+                f"holds (the file was made elsewhere or altered): refused, nothing was loaded; resume only checkpoints "
+                f"this trainer wrote (to go on from the one before it, move {path.name} out of the folder)")
 
 
 def committed(ckpt_dir: Path) -> list[Path]:
@@ -329,7 +352,9 @@ class Checkpointer:
         """(client_state, this rank's partial epoch sums) of checkpoint ``found``."""
         self._check_compatible(found)
         saved_world = found.meta.get("world_size")
-        client_state = self.backend.load_checkpoint(found.path.parent, found.path.name)
+        on_main_then_share(lambda: check_types(found.path), self.info)  # every rank refuses alike, none hangs
+        with weights_only_loads():
+            client_state = self.backend.load_checkpoint(found.path.parent, found.path.name)
         if saved_world != self.info.world_size:
             warn(f"warning: resuming {found.path.name} saved with world size {saved_world} on "
                  f"{self.info.world_size} ranks: training continues, but not bit-for-bit as it would have")
