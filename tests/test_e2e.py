@@ -253,7 +253,7 @@ def test_list_models(tmp_path):
     r = run_cli(["--list-models"], tmp_path, timeout=60)
     assert r.returncode == 0
     rows = dict(line.split(None, 1) for line in r.stdout.strip().splitlines())
-    assert list(rows) == ["airbench94", "bn_cnn", "cnn3", "cnn3_bn", "cnn3_fanin", "resnet18", "resnet9", "simple_cnn"]
+    assert list(rows) == ["airbench94", "bn_cnn", "cnn3", "cnn3_bn", "cnn3_fanin", "resnet18", "resnet9", "simple_cnn", "simple_cnn_bn"]
     assert rows["resnet18"].strip() == "11,173,962 params"
 
 
