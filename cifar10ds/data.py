@@ -20,6 +20,7 @@ import io
 import os
 import pickle
 import re
+import socket
 import tarfile
 import urllib.request
 import zlib
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from cifar10ds.config import DataConfig
-from cifar10ds.dist import DistInfo, on_main_then_share
+from cifar10ds.dist import DistInfo, on_each_node_then_share, on_main_then_share
 from cifar10ds.errors import DataError
 from cifar10ds.unpickling import ForbiddenType, load_batch
 
@@ -342,7 +343,8 @@ def _write_cache(cache: Path, data: Cifar10) -> None:
         "version": CACHE_VERSION,
         "data": {k: getattr(data, k) for k in ("train_x", "train_y", "test_x", "test_y", "classes")},
     }
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    # The host in the name too: the first ranks of several nodes may write one shared cache at once.
+    tmp = cache.parent / f"{cache.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(blob, tmp)
@@ -356,10 +358,13 @@ def _write_cache(cache: Path, data: Cifar10) -> None:
 
 
 def load_for_run(cfg: DataConfig, info: DistInfo) -> Cifar10:
-    """The run's images on the host: found, decoded and cached once by rank 0 (the other ranks read its cache),
-    then cut to ``trainer.data``'s class-balanced subsets."""
+    """The run's images on the host: found (downloaded), decoded and cached by rank 0, then by the first rank of each
+    other node into that node's cache (which may be node-local), which the node's other ranks read; then cut to
+    ``trainer.data``'s class-balanced subsets."""
     loaded: list[Cifar10] = []
+    # Rank 0 first, so that a download into a data folder every node shares happens once.
     on_main_then_share(lambda: loaded.append(load_cifar10(cfg.dir, cfg.download, cfg.cache_dir)), info)
+    on_each_node_then_share(lambda: loaded or loaded.append(load_cifar10(cfg.dir, cfg.download, cfg.cache_dir)), info)
     ds = loaded[0] if loaded else load_cifar10(cfg.dir, cfg.download, cfg.cache_dir)
     train = balanced_subset(ds.train_y, cfg.train_limit, cfg.subset_seed)
     test = balanced_subset(ds.test_y, cfg.test_limit, cfg.subset_seed)
