@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 # import from the checkout; neither is installed into site-packages (see README).
 import models
 from cifar10ds.dist import release_shm_buffers
-from cifar10ds.errors import DOCTOR_STOPS, EXIT_UNSTABLE, EXIT_USER_ERROR, UserError, print_line
+from cifar10ds.errors import DOCTOR_STOPS, EXIT_UNSTABLE, EXIT_USER_ERROR, DiskFullError, UserError, print_line
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -90,6 +90,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.resume == "auto" and not (args.output_dir or t.checkpoint.dir):
         raise config.ConfigError("--resume auto looks for checkpoints in the output dir: pass --output-dir DIR "
                                  "(the one the run to continue used), or --resume PATH")
+    if dist.max_restarts() and not (args.output_dir or t.checkpoint.dir):
+        raise config.ConfigError(f"torchrun --max-restarts={dist.max_restarts()} restarts this command as it is, and "
+                                 "the default output dir (runs/<UTC time>-<model>) is new each time: pass --output-dir "
+                                 "DIR so that a restarted attempt finds this run's checkpoints")
     out_dir = tracking.output_dir(args.output_dir, t.model, info)
     ds = data.load_for_run(t.data, info)
     torch.manual_seed(t.seed)
@@ -109,16 +113,18 @@ def run(args: argparse.Namespace) -> dict:
         backend.compile(t.compile if isinstance(t.compile, str) else None, None if run_plan.even_batches else True)
     device_data = data.DeviceData.of(ds, backend.device)
     ckpt_dir = Path(t.checkpoint.dir) if t.checkpoint.dir else out_dir / "checkpoints"
-    resume = checkpoint.prepare(args.resume, ckpt_dir, t.checkpoint, info)
+    resume = checkpoint.prepare(args.resume, ckpt_dir, t.checkpoint, info, dist.torchrun_job(), dist.restart_count())
     reporter = tracking.open_reporter(cfg.to_json(), t.seed, out_dir, info, args.quiet, backend.device)
     reporter.say(
         f"{t.model} ({params:,} params) | {cfg.precision} | world size {info.world_size} on {backend.device} | "
         f"{run_plan.n_train} train / {len(ds.test_y)} test images | batch {cfg.ds['train_batch_size']} | out {out_dir}"
     )
     result = train(backend, device_data, run_plan, info, reporter, ckpt_dir, resume)
-    tracking.save_weights(backend.model_state_dict(), out_dir / "model.pt", info.is_main)
+    if result["stop_reason"] != "disk_full":  # a disk that just refused a checkpoint would cut model.pt short
+        tracking.save_weights(backend.model_state_dict(), out_dir / "model.pt", info.is_main)
     summary = {
-        **result, "total_time_s": time.perf_counter() - started, "world_size": info.world_size,
+        **result, "resumed_step": resume.meta.get("step") if resume else None, "steps_redone": reporter.steps_redone,
+        "restarts": dist.restart_count(), "total_time_s": time.perf_counter() - started, "world_size": info.world_size,
         "backend": backend.name, "precision": cfg.precision, "model": t.model, "params": params, "seed": t.seed,
         "train_images": run_plan.n_train, "model_init_time_s": init_time, "tta_level": t.tta_level,
         "channels_last": cfg.trainer.channels_last, "cpu_keep_freed_memory": malloc_tuned,
@@ -126,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         "versions": tracking.library_versions(), **tracking.git_commit(), "output_dir": str(out_dir),
         "signal_exit_zero": t.checkpoint.signal_exit_zero,
     }
-    reporter.write_json("summary.json", summary)
+    reporter.write_json("summary.json", summary, if_room=True)
     reporter.wandb.finish(summary)
     reporter.say(done_line(summary, out_dir))
     return summary
@@ -155,6 +161,11 @@ def done_line(summary: dict, out_dir: Path) -> str:
             f"at epoch {summary['best_epoch']}), train {summary['train_time_s']:.1f}s, {out_dir}/summary.json")
 
 
+def rank_prefix() -> str:
+    """``[rank N] `` before a line every rank prints, when there are several."""
+    return f"[rank {os.environ.get('RANK', '0')}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.deepspeed_config is None:  # ./ds_config.json, else the one next to this script
@@ -169,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run(args)
     except UserError as e:
-        rank = os.environ.get("RANK", "0")
-        prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print_line(e.report(prefix))  # one write: a rank's lines never interleave with another's
+        print_line(e.report(rank_prefix()))  # one write: a rank's lines never interleave with another's
         if torch_dist.is_initialized():
             # User errors after start-up are raised on every rank at the same point: meet once so
             # that each rank's line is out before the launcher kills the slower ones (a rank that
@@ -191,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     if torch_dist.is_initialized():
         torch_dist.barrier()  # rank 0 may still be writing summary.json
         torch_dist.destroy_process_group()
+    if summary["stop_reason"] == "disk_full":  # every rank says why it stopped, as after a user error
+        print_line(f"{rank_prefix()}{DiskFullError.kind}: {summary['error']}")
+        return EXIT_USER_ERROR
     if summary["stop_reason"] == "signal" and not summary["signal_exit_zero"]:
         return 128 + signal.Signals[summary["signal"]].value  # the shell's convention: 143 = SIGTERM
     if summary["stop_reason"] in DOCTOR_STOPS:

@@ -6,6 +6,9 @@ folder to its final tag and writes ``COMMITTED.json`` last, listing every file w
 sha256. A checkpoint without that marker, or whose files no longer match it, is never resumed
 from. Old checkpoints are deleted only after the new one is committed.
 
+Before the engine loads a checkpoint, every file in it is checked for types outside the allow-list
+(``unpickling``): a checkpoint from elsewhere, or one altered with its marker rewritten to match, runs nothing.
+
 DeepSpeed alone writes in place and rewrites ``latest`` before every rank has finished, and
 silently starts from scratch when ``latest`` is missing: the trainer never reads ``latest``.
 
@@ -15,6 +18,7 @@ the engine.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -31,14 +35,16 @@ import torch.distributed as dist
 
 from cifar10ds.batches import Augment
 from cifar10ds.config import CheckpointConfig
-from cifar10ds.dist import DistInfo, on_main_then_share, warn
+from cifar10ds.dist import DistInfo, all_gather, broadcast_object, on_main_then_share, warn
 from cifar10ds.engines import Backend
-from cifar10ds.errors import ConfigError
+from cifar10ds.errors import ConfigError, DiskFullError
 from cifar10ds.plan import RunPlan
 from cifar10ds.state import TrainingState
 from cifar10ds.tracking import prepare_output_dir
+from cifar10ds.unpickling import foreign_types, weights_only_loads
 
 MARKER = "COMMITTED.json"
+JOB_RECORD = ".torchrun-job"  # which torchrun job started in this folder: its restarts continue it
 TMP_PREFIX = ".tmp-"
 _TAG_RE = re.compile(r"^step(\d+)$")
 
@@ -118,6 +124,25 @@ def verify(path: Path) -> dict[str, Any]:
     return meta
 
 
+def check_types(path: Path) -> None:
+    """ConfigError unless every file of checkpoint ``path`` is its marker, safetensors (tensors only, by format), or a
+    torch.save file of allowed types; read without unpickling anything."""
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = f.relative_to(path).as_posix()
+        if name == MARKER or f.suffix == ".safetensors":
+            continue
+        try:
+            foreign = foreign_types(f)
+        except ValueError as e:
+            raise ConfigError(f"checkpoint {path}: {name} is not a file torch.save writes ({e}): refused, nothing was "
+                              "loaded; resume only checkpoints this trainer wrote") from None
+        if foreign:
+            raise ConfigError(
+                f"checkpoint {path}: {name} would build {', '.join(foreign[:3])}, which no checkpoint of this trainer "
+                f"holds (the file was made elsewhere or altered): refused, nothing was loaded; resume only checkpoints "
+                f"this trainer wrote (to go on from the one before it, move {path.name} out of the folder)")
+
+
 def committed(ckpt_dir: Path) -> list[Path]:
     """Committed checkpoint folders in ``ckpt_dir``, oldest first (not yet verified)."""
     if not ckpt_dir.is_dir():
@@ -177,6 +202,28 @@ def rotate(ckpt_dir: Path, keep_last: int, protect: set[str]) -> list[str]:
             shutil.rmtree(p, ignore_errors=True)
             deleted.append(p.name)
     return deleted
+
+
+def no_space_left(error: BaseException, folder: Path) -> bool:
+    """Whether ``error``, raised while writing into ``folder``, means the disk (or the quota) is full.
+
+    An OSError says so by its errno. torch's zip writer, given a path, reports a short write without one
+    ("unexpected pos ..."), and so may other writers: then ``folder`` is asked to take one more MiB.
+    """
+    full = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, OSError):
+        return error.errno in full
+    probe = folder / f".space-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno in full
+    finally:
+        probe.unlink(missing_ok=True)
+    return False
 
 
 # ------------------------------------------------------------------------------ RNG states
@@ -252,19 +299,40 @@ class SaveSchedule:
         return None
 
 
-def prepare(resume_arg: str | None, ckpt_dir: Path, cfg: CheckpointConfig, info: DistInfo) -> Found | None:
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def prepare(resume_arg: str | None, ckpt_dir: Path, cfg: CheckpointConfig, info: DistInfo,
+            job: str | None = None, restart: int = 0) -> Found | None:
     """Check the checkpoint folder on rank 0 (no earlier run's checkpoints unless resuming; writable when saving) and
-    find what ``--resume`` names; every rank gets the answer, or the same one-line error."""
-    def check() -> None:
-        if not resume_arg and committed(ckpt_dir):
+    find what ``--resume`` names; every rank gets the answer, or the same one-line error.
+
+    Under torchrun the folder records the job that started in it (``JOB_RECORD``). When torchrun restarts that job
+    (``restart`` above 0), it continues from the job's newest checkpoint, as ``--resume auto`` would; before the job
+    committed one, from what ``--resume PATH`` named, if anything. A restart of a job whose first attempt was refused
+    here is refused again, never turned into a resume of an earlier run.
+    """
+    def check() -> str | None:
+        record = ckpt_dir / JOB_RECORD
+        arg = resume_arg
+        if restart and job is not None and _read(record) == job and (arg is None or committed(ckpt_dir)):
+            arg = "auto"
+        if not arg and committed(ckpt_dir):
             raise ConfigError(
                 f"{ckpt_dir} already holds checkpoints of an earlier run: continue it with --resume auto, "
                 "or start this run in another --output-dir"
             )
         if cfg.every_epochs or cfg.every_steps or cfg.save_best:
             prepare_output_dir(ckpt_dir)
+            if job is not None and not restart:
+                record.write_text(job)
+        return arg
 
-    on_main_then_share(check, info)
+    resume_arg = on_main_then_share(check, info)
     if not resume_arg:
         return None
     found = on_main_then_share(lambda: resolve_resume(resume_arg, ckpt_dir, warn), info)
@@ -308,28 +376,55 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.dir / tmp, ignore_errors=True)  # left by a save that crashed at this step
         self._barrier()
-        self.backend.save_checkpoint(self.dir, tmp, state.state_dict(elapsed))
-        (self.dir / tmp).mkdir(parents=True, exist_ok=True)
-        # Per-rank state goes to a per-rank file: engines save client_state from rank 0 only.
-        own = {"augment": self.augment.state_dict(), "partial": progress.partial,
-               "buffers": {k: v.detach().cpu() for k, v in self.backend.module.named_buffers()}}
-        torch.save(rng_state(own), rng_file(self.dir / tmp, self.info.rank))
-        self._barrier()  # every rank's files are written before rank 0 commits
-        if self.info.is_main:
+        full = False
+        try:
+            self.backend.save_checkpoint(self.dir, tmp, state.state_dict(elapsed))
+            (self.dir / tmp).mkdir(parents=True, exist_ok=True)
+            # Per-rank state goes to a per-rank file: engines save client_state from rank 0 only.
+            own = {"augment": self.augment.state_dict(), "partial": progress.partial,
+                   "buffers": {k: v.detach().cpu() for k, v in self.backend.module.named_buffers()}}
+            torch.save(rng_state(own), rng_file(self.dir / tmp, self.info.rank))
+        except Exception as e:
+            if not no_space_left(e, self.dir):
+                raise
+            full = True
+        # Every rank's files are written (or a rank ran out of space) before rank 0 commits.
+        full = any(all_gather(full))
+        if self.info.is_main and not full:
             meta = {**self.epoch_identity, **self.plan, "step": progress.step, "epoch": progress.epoch,
                     "step_in_epoch": progress.step_in_epoch, "world_size": self.info.world_size, "reason": reason,
                     **self.identity}
-            commit(self.dir, tmp, tag, meta)
-            protect = {progress.best_tag} if progress.best_tag else set()
-            rotate(self.dir, self.cfg.keep_last, protect | {tag})
-        self._barrier()
+            try:
+                commit(self.dir, tmp, tag, meta)
+            except OSError as e:
+                if not no_space_left(e, self.dir):
+                    raise
+                full = True
+            else:
+                protect = {progress.best_tag} if progress.best_tag else set()
+                rotate(self.dir, self.cfg.keep_last, protect | {tag})
+        if broadcast_object(full):
+            raise DiskFullError(broadcast_object(self._discard(tag) if self.info.is_main else None))
         return tag
+
+    def _discard(self, tag: str) -> str:
+        """Rank 0, after a save ran out of space: remove what it left; the line every rank stops with."""
+        shutil.rmtree(self.dir / (TMP_PREFIX + tag), ignore_errors=True)
+        if not (self.dir / tag / MARKER).is_file():  # renamed before the marker could be written
+            shutil.rmtree(self.dir / tag, ignore_errors=True)
+        found = find_resume(self.dir, warn)
+        then = (f"--resume auto will continue from {found.path.name} (step {found.meta['step']})" if found else
+                "no checkpoint is committed yet, so --resume auto would start over")
+        return (f"no space left in {self.dir}: checkpoint {tag} was not written and nothing of it is left; {then} "
+                "once there is room (free space or raise the quota, or set trainer.checkpoint.dir elsewhere)")
 
     def restore(self, found: Found) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """(client_state, this rank's partial epoch sums) of checkpoint ``found``."""
         self._check_compatible(found)
         saved_world = found.meta.get("world_size")
-        client_state = self.backend.load_checkpoint(found.path.parent, found.path.name)
+        on_main_then_share(lambda: check_types(found.path), self.info)  # every rank refuses alike, none hangs
+        with weights_only_loads():
+            client_state = self.backend.load_checkpoint(found.path.parent, found.path.name)
         if saved_world != self.info.world_size:
             warn(f"warning: resuming {found.path.name} saved with world size {saved_world} on "
                  f"{self.info.world_size} ranks: training continues, but not bit-for-bit as it would have")

@@ -20,6 +20,7 @@ import io
 import os
 import pickle
 import re
+import socket
 import tarfile
 import urllib.request
 import zlib
@@ -31,8 +32,9 @@ import numpy as np
 import torch
 
 from cifar10ds.config import DataConfig
-from cifar10ds.dist import DistInfo, on_main_then_share
+from cifar10ds.dist import DistInfo, on_each_node_then_share, on_main_then_share
 from cifar10ds.errors import DataError
+from cifar10ds.unpickling import ForbiddenType, load_batch
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -40,6 +42,16 @@ ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 BATCHES = "cifar-10-batches-py"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
+# The md5 of each official batch file the trainer reads (torchvision's CIFAR10 lists the same; batches.meta is
+# never read). A file that matches is the official one and unpickled as is; any other goes through load_batch.
+OFFICIAL_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
 CACHE_VERSION = 1
@@ -234,10 +246,16 @@ def _from_batches(source: Path, batches: dict[str, bytes]) -> Cifar10:
         raise DataError(f"{source}: missing {', '.join(missing)} of the official batches")
 
     def unpickle(name: str) -> tuple[np.ndarray, np.ndarray]:
+        blob = batches[name]
         try:
-            d = pickle.loads(batches[name], encoding="bytes")
+            official = hashlib.md5(blob).hexdigest() == OFFICIAL_MD5[name]
+            d = pickle.loads(blob, encoding="bytes") if official else load_batch(blob)
             x = np.asarray(d[b"data"], dtype=np.uint8)
             y = np.asarray(d[b"labels"], dtype=np.int64)
+        except ForbiddenType as e:
+            raise DataError(f"{source}/{name} would build {e.name}, which a CIFAR-10 batch never holds (only dicts, "
+                            "lists, bytes, str, ints and numpy arrays): refused, nothing from it ran; replace it "
+                            "with the official file") from None
         except Exception as e:
             raise DataError(f"{source}/{name}: not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
         if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y):
@@ -325,7 +343,8 @@ def _write_cache(cache: Path, data: Cifar10) -> None:
         "version": CACHE_VERSION,
         "data": {k: getattr(data, k) for k in ("train_x", "train_y", "test_x", "test_y", "classes")},
     }
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    # The host in the name too: the first ranks of several nodes may write one shared cache at once.
+    tmp = cache.parent / f"{cache.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(blob, tmp)
@@ -339,10 +358,13 @@ def _write_cache(cache: Path, data: Cifar10) -> None:
 
 
 def load_for_run(cfg: DataConfig, info: DistInfo) -> Cifar10:
-    """The run's images on the host: found, decoded and cached once by rank 0 (the other ranks read its cache),
-    then cut to ``trainer.data``'s class-balanced subsets."""
+    """The run's images on the host: found (downloaded), decoded and cached by rank 0, then by the first rank of each
+    other node into that node's cache (which may be node-local), which the node's other ranks read; then cut to
+    ``trainer.data``'s class-balanced subsets."""
     loaded: list[Cifar10] = []
+    # Rank 0 first, so that a download into a data folder every node shares happens once.
     on_main_then_share(lambda: loaded.append(load_cifar10(cfg.dir, cfg.download, cfg.cache_dir)), info)
+    on_each_node_then_share(lambda: loaded or loaded.append(load_cifar10(cfg.dir, cfg.download, cfg.cache_dir)), info)
     ds = loaded[0] if loaded else load_cifar10(cfg.dir, cfg.download, cfg.cache_dir)
     train = balanced_subset(ds.train_y, cfg.train_limit, cfg.subset_seed)
     test = balanced_subset(ds.test_y, cfg.test_limit, cfg.subset_seed)

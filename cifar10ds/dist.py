@@ -1,8 +1,8 @@
 """Process-group plumbing shared by every launcher.
 
 Rank, world size and local rank come from the environment (set by ``deepspeed``, ``torchrun``
-and ``accelerate launch``); with no launcher the defaults make a world of one. ``--local_rank``
-on the command line is accepted and ignored.
+and ``accelerate launch``, or translated from an ``srun`` task's SLURM variables); with no launcher
+the defaults make a world of one. ``--local_rank`` on the command line is accepted and ignored.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from cifar10ds import slurm
 from cifar10ds.errors import ConfigError, DataError, UserError
 
 T = TypeVar("T")
@@ -58,18 +60,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def set_single_process_defaults() -> None:
-    """Give a launcher-less run the environment of a one-process world (free local port)."""
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+def fill_world_environment() -> None:
+    """Set the variables torch reads for this process's world: a launcher's own (RANK, WORLD_SIZE) win, then an srun
+    task's (``slurm.world``), else a world of one on a free local port. ConfigError for contradictory SLURM ones."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(slurm.world(os.environ))
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if slurm.allocated_tasks(os.environ) > 1:
+        warn(f"warning: SLURM allocated {slurm.allocated_tasks(os.environ)} tasks but this process is not an srun "
+             "task: it trains alone (start it with srun to train on all of them)")
+
+
+def restart_count() -> int:
+    """How often torchrun restarted this job's processes (0: the first attempt, or not under torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def torchrun_job() -> str | None:
+    """This torchrun job, named the same in every attempt and differently in any other job (None when not under
+    torchrun): its rendezvous id, and the host and pid of the agent that started this process."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    return f"{os.environ['TORCHELASTIC_RUN_ID']} {socket.gethostname()} {os.getppid()}"
+
+
+def max_restarts() -> int:
+    """How often torchrun may restart this job's processes (``--max-restarts``; 0 when not under torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
 
 
 def start_processes(backend: str, timeout_s: float, keep_freed: bool) -> tuple[DistInfo, bool]:
     """Join the launcher's world (a world of one without a launcher) on this rank's device; returns the world and
     whether freed CPU memory is kept (``keep_freed_memory``)."""
-    set_single_process_defaults()
+    fill_world_environment()
     kept = False
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -90,8 +118,74 @@ def multi_process_cpu() -> bool:
 
 
 def init_processes(backend: str, timeout_s: float) -> None:
-    """Join the process group the launcher set up (a world of one without a launcher)."""
+    """Join the process group the launcher set up (a world of one without a launcher); ConfigError when the world
+    does not form within ``timeout_s``."""
     timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        wait_for_master(timeout_s)
+        store = attempt_store(timeout)
+        if store is not None:  # the engines below take the group as it is
+            info = env_info()
+            dist.init_process_group(comm_backend(backend), store=store, rank=info.rank, world_size=info.world_size,
+                                    timeout=timeout)
+        _init_engine_processes(backend, timeout)
+    except (dist.DistError, TimeoutError) as e:
+        info = env_info()
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(
+            f"the {info.world_size} processes did not all meet at {where} (rank {info.rank}: {type(e).__name__}: "
+            f"{detail}): start every node or task of the job within trainer.dist_timeout_s={timeout_s:g} s of each "
+            "other, on a free port that every node can reach on the first node"
+        ) from None
+    world = env_info().world_size
+    joined = dist.get_world_size() if dist.is_initialized() else 1
+    if joined != world:
+        raise RuntimeError(f"the launcher started {world} processes but {backend} joined a world of {joined}")
+
+
+def wait_for_master(timeout_s: float) -> None:
+    """On a rank other than 0 without torchrun (whose store is up before any rank starts): wait until rank 0 listens
+    at MASTER_ADDR:MASTER_PORT, or raise TimeoutError after ``timeout_s``. torch would wait too, but prints a C++
+    stack trace for every retry."""
+    info, addr, port = env_info(), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if info.rank == 0 or info.world_size == 1 or "TORCHELASTIC_USE_AGENT_STORE" in os.environ or not (addr and port):
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((addr, int(port)), timeout=max(0.1, min(5.0, deadline - time.monotonic()))).close()
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"nothing listened at {addr}:{port} for {timeout_s:g} s") from None
+            time.sleep(0.5)
+
+
+def attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, its store with this attempt's keys apart from earlier attempts' (None elsewhere).
+
+    torchrun keeps one store for the whole job and hands it to every restarted attempt as it is
+    (TORCHELASTIC_USE_AGENT_STORE), so each process group of a restarted attempt would find the dead attempt's
+    addresses under its keys and fail to connect ("Gloo connectFullMesh failed ... Connection refused").
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env_info().world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"cifar10ds/attempt{restart_count()}", store)
+
+
+def comm_backend(backend: str) -> str:
+    """The torch.distributed backend the engine would pick for itself."""
+    if backend == "deepspeed":
+        from deepspeed.accelerator import get_accelerator
+
+        return get_accelerator().communication_backend_name()
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _init_engine_processes(backend: str, timeout: datetime.timedelta) -> None:
     if backend == "deepspeed":
         import deepspeed
 
@@ -108,10 +202,6 @@ def init_processes(backend: str, timeout_s: float) -> None:
         # would train on its own, its gradients never averaged. One process stays out of
         # DistributedDataParallel, which would only add work to a world of one.
         PartialState(cpu=multi_process_cpu(), timeout=timeout)
-    world = env_info().world_size
-    joined = dist.get_world_size() if dist.is_initialized() else 1
-    if joined != world:
-        raise RuntimeError(f"the launcher started {world} processes but {backend} joined a world of {joined}")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -155,8 +245,45 @@ def on_main_then_share(fn: Callable[[], T], info: DistInfo) -> T:
     raise {"ConfigError": ConfigError, "DataError": DataError}.get(kind, UserError)(value)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: SLURM's warning (--signal) before a kill
+
+
+def on_each_node_then_share(fn: Callable[[], T], info: DistInfo) -> T | None:
+    """Run ``fn`` on the first local rank of every node; every rank learns whether it worked everywhere. Returns
+    ``fn``'s result there, None on the other ranks.
+
+    For work each node does for itself (decoding into a node-local cache, which its other ranks then read): a node
+    that fails ends every rank with its one-line message instead of leaving the others waiting.
+    """
+    outcome: tuple[str, Any] = ("ok", None)
+    result = None
+    if info.local_rank == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            outcome = (type(e).__name__, str(e))
+        except BaseException as e:  # a bug: tell the others, then show the traceback here
+            all_gather(("crashed", f"rank {info.rank}: {type(e).__name__}: {e}"))
+            raise
+    for kind, value in all_gather(outcome):
+        if kind == "crashed":
+            raise RuntimeError(f"a node failed while preparing the run: {value}")
+        if kind != "ok":
+            raise {"ConfigError": ConfigError, "DataError": DataError}.get(kind, UserError)(value)
+    return result
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class StopSignal:
-    """SIGTERM/SIGINT set a flag; ``agreed()`` tells every rank whether any rank got one."""
+    """SIGTERM, SIGINT or SIGUSR1 set a flag; ``agreed()`` tells every rank whether any rank got one."""
 
     def __init__(self, info: DistInfo, timeout_s: float) -> None:
         self.signum = 0
@@ -164,12 +291,12 @@ class StopSignal:
         # that stopped answering into an error here instead of a hang.
         timeout = datetime.timedelta(seconds=timeout_s)
         self.group = dist.new_group(backend="gloo", timeout=timeout) if info.world_size > 1 else None
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = self.signum or signum
         # A second Ctrl-C acts as usual. SIGTERM often comes twice (the job's process group, then
-        # the launcher forwarding it): it only ever sets the flag, so the save is not cut short.
+        # the launcher forwarding it): it, like SIGUSR1, only ever sets the flag, so the save is not cut short.
         if signum == signal.SIGINT:
             signal.signal(signum, self._old[signum])
 

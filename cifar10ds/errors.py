@@ -37,6 +37,12 @@ class DataError(UserError):
     kind = "data error"
 
 
+class DiskFullError(UserError):
+    """No space left (or the quota used up) where a checkpoint is written: the run stops on every rank."""
+
+    kind = "disk full"
+
+
 def print_line(line: str) -> None:
     """Write one line (or one message of several lines) to stderr in a single write(2) call.
 

@@ -25,6 +25,7 @@ from cifar10ds.data import DeviceData
 from cifar10ds.dist import DistInfo, StopSignal, broadcast_object, warn
 from cifar10ds.early_stopping import describe_stop, should_stop
 from cifar10ds.engines import Backend, LossScaleFloor
+from cifar10ds.errors import DiskFullError
 from cifar10ds.estimate import Estimate, StepTimer, announcement
 from cifar10ds.evaluation import Clock, compile_evaluation, compiled_graphs, sync, sync_debug, timed_evaluate
 from cifar10ds.faults import Fault
@@ -91,9 +92,10 @@ def train(backend: Backend, data: DeviceData, plan: RunPlan, info: DistInfo, rep
     stop_reason, signum = loop.progress.finished or "completed", 0
     if loop.progress.finished:
         reporter.say(f"the checkpoint is from a run that had already stopped ({stop_reason}); nothing to train")
-    if loop.schedule.at_start(resumed=resume is not None):
-        loop.save("start")  # something to roll back to before the first epoch ends
+    error = None
     try:
+        if loop.schedule.at_start(resumed=resume is not None):
+            loop.save("start")  # something to roll back to before the first epoch ends
         while loop.progress.epoch < plan.epochs and not loop.progress.finished:
             steps, sums, signum, doctor = run_epoch(loop)
             reason = why_stop(signum=signum, doctor=doctor)
@@ -107,9 +109,11 @@ def train(backend: Backend, data: DeviceData, plan: RunPlan, info: DistInfo, rep
             if reason is not None:
                 stop_reason = reason
                 break
+    except DiskFullError as e:  # every rank, together: a checkpoint found no room
+        stop_reason, error = "disk_full", str(e)
     finally:
         loop.signals.restore()
-    return _results(loop, stop_reason, signum, resume, ckpt_dir)
+    return {**_results(loop, stop_reason, signum, resume, ckpt_dir), "error": error}
 
 
 def _start(backend: Backend, data: DeviceData, plan: RunPlan, info: DistInfo, reporter: Reporter, ckpt_dir: Path,
@@ -194,6 +198,7 @@ def run_epoch(loop: Loop) -> tuple[int, EpochSums, int, str]:
             p.compile_s, loop.compile_pending, loop.graphs = clock.since(first), False, compiled_graphs()
             t0 = clock.mark()
         p.step_in_epoch = b + 1
+        loop.reporter.reached(p.step)
         if not loop.timer.done:
             _estimate_run(loop, b + 1 == steps)
         if bar is not None:

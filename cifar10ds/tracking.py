@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import platform
@@ -19,6 +21,7 @@ from cifar10ds.errors import ConfigError
 from cifar10ds.estimate import duration
 
 REPO = Path(__file__).resolve().parent.parent
+PROGRESS = "progress.json"  # the last step trained, rewritten in place every step: what a resume has to redo
 
 
 def default_output_dir(model: str) -> Path:
@@ -71,18 +74,40 @@ class Reporter:
         self.wandb_id: str | None = None
         self.bar: Any = None  # the epoch's progress bar while it is shown
         self.bar_desc = ""
+        self.steps_redone: int | None = None  # after a resume: steps the stopped run had trained past its checkpoint
+        self._progress: int | None = None  # PROGRESS's file descriptor (main rank)
 
     def start(self) -> None:
         """A fresh run: empty metric files."""
         if self.is_main:
             for name in ("metrics.jsonl", "steps.jsonl"):
                 (self.out_dir / name).write_text("")
+            self._open_progress()
         self.wandb_id = self.wandb.start(self.run_config, self.out_dir.name)
 
     def resume(self, history: list[dict[str, Any]], step: int, wandb_id: str | None = None) -> None:
         """A resumed run: the metric files hold exactly what the checkpoint had seen, no more."""
         self.wandb_id = self.wandb.start(self.run_config, self.out_dir.name, wandb_id)
         self.rewind(history, step)
+        if self.is_main:
+            try:
+                reached = json.loads((self.out_dir / PROGRESS).read_text())["step"]
+                self.steps_redone = max(0, reached - step)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # no record (an older run, or another output folder): unknown
+            self._open_progress()
+
+    def _open_progress(self) -> None:
+        try:
+            self._progress = os.open(self.out_dir / PROGRESS, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError:
+            self._progress = None
+
+    def reached(self, step: int) -> None:
+        """Record that ``step`` is done: one small write in place per step, no flush (it outlives a killed process)."""
+        if self._progress is not None:
+            with contextlib.suppress(OSError):  # a record only: never worth stopping the run for
+                os.pwrite(self._progress, json.dumps({"step": step}).ljust(39).encode() + b"\n", 0)
 
     def rewind(self, history: list[dict[str, Any]], step: int) -> None:
         """Cut metrics.jsonl and steps.jsonl back to what a checkpoint at ``step`` had seen."""
@@ -104,11 +129,18 @@ class Reporter:
         if self.is_main and not self.quiet:
             print(line, flush=True)
 
-    def write_json(self, name: str, obj: Any) -> None:
+    def write_json(self, name: str, obj: Any, if_room: bool = False) -> None:
+        """Write ``name`` atomically; ``if_room``: on a full disk, leave nothing and warn instead of raising."""
         if self.is_main:
             tmp = self.out_dir / f".{name}.tmp"
-            tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-            tmp.replace(self.out_dir / name)
+            try:
+                tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+                tmp.replace(self.out_dir / name)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                if not (if_room and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+                    raise
+                warn(f"warning: {name} not written: no space left in {self.out_dir}")
 
     def append_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
         if self.is_main and rows:

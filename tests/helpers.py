@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -113,6 +114,30 @@ def run_bounded(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) 
     return done
 
 
+def run_together(runs: list[tuple[list[str], dict[str, str]]], cwd: Path, timeout: float
+                 ) -> list[subprocess.CompletedProcess]:
+    """Start every ``(cmd, env)`` at once (each in its own process group), as the nodes of one job; on timeout kill
+    them all and fail."""
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for cmd, env in runs]
+    import time
+
+    deadline, done = time.monotonic() + timeout, []
+    try:
+        for (cmd, _), proc in zip(runs, procs):
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            done.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        texts = []
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            texts.append(f"{out[-2000:]}\n{err[-2000:]}")
+        raise AssertionError(f"timed out after {timeout}s:\n" + "\n----\n".join(texts)) from None
+    return done
+
+
 def processes_left(pgid: int, wait_s: float = 10) -> bool:
     """Whether any process of group ``pgid`` is still alive after ``wait_s`` seconds."""
     import time
@@ -203,3 +228,50 @@ def _wandb_file_records(data: bytes) -> list:
             records.append(rec)
             pending = b""
     return records
+
+
+# The run every multi-node test repeats and compares with one node's: 2 ranks, fp32, 3 epochs of 10 steps. A rank waits
+# up to 120 s for the others: a first DeepSpeed run compiles an op before it listens.
+CLUSTER_CONFIG = {
+    "train_batch_size": 20,
+    "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}},
+    "scheduler": {"type": "WarmupCosineLR",
+                  "params": {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_type": "linear"}},
+    "trainer": {"model": "bn_cnn", "epochs": 3, "warmup_fraction": 0.1, "dist_timeout_s": 120,
+                "data": {"download": False, "augmentation": {"crop_padding": 2, "flip": True, "cutout": 4}}},
+}
+SAME = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm", "grad_norm_max")
+
+
+def read_metrics(out: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_training(out: Path, reference: Path) -> None:
+    """Two runs trained alike: the same per-epoch metrics and the same final weights, to the bit."""
+    import torch
+
+    got, want = read_metrics(out), read_metrics(reference)
+    assert [{k: m[k] for k in SAME} for m in got] == [{k: m[k] for k in SAME} for m in want]
+    a, b = torch.load(out / "model.pt", weights_only=True), torch.load(reference / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def free_port_between(low: int, high: int) -> int:
+    """A free local TCP port in [low, high)."""
+    import random
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", random.randrange(low, high)))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "torchrun"), *args]

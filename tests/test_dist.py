@@ -28,13 +28,50 @@ def test_cpu_threads_are_shared_between_local_ranks(monkeypatch, env, cpus, expe
     assert calls == ([] if expected is None else [expected])
 
 
-def test_single_process_defaults(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+WORLD_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def clear_world(monkeypatch):
+    for key in [*WORLD_KEYS, *(k for k in os.environ if k.startswith("SLURM_"))]:
         monkeypatch.delenv(key, raising=False)
-    dist.set_single_process_defaults()
+
+
+def test_single_process_defaults(monkeypatch):
+    clear_world(monkeypatch)
+    dist.fill_world_environment()
     info = dist.env_info()
     assert (info.rank, info.world_size, info.local_rank, info.is_main) == (0, 1, 0, True)
     assert 0 < int(dist.os.environ["MASTER_PORT"]) < 65536
+
+
+SRUN_TASK = {"SLURM_JOB_ID": "1234", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
+             "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_STEP_NODELIST": "gpu[07-08]",
+             "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+
+
+@pytest.mark.parametrize("env, expected", [
+    # an srun task with nothing in between: SLURM's variables, the first node as master, the port from the job id
+    (SRUN_TASK, {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                 "MASTER_ADDR": "gpu07", "MASTER_PORT": "21234"}),
+    # srun torchrun ...: the launcher's own variables win
+    ({**SRUN_TASK, "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "29500"},
+     {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "29500"}),
+    # a MASTER_PORT (or MASTER_ADDR) the user exported wins over the derived one
+    ({**SRUN_TASK, "MASTER_PORT": "12345"}, {"RANK": "3", "MASTER_ADDR": "gpu07", "MASTER_PORT": "12345"}),
+    # python in the batch script of a 4-task allocation: SLURM_PROCID=0 and SLURM_NTASKS=4 there too, but it is no
+    # srun task: a world of one, not a rank waiting for three peers
+    ({k: v for k, v in SRUN_TASK.items() if not k.startswith("SLURM_STEP")} | {"SLURM_PROCID": "0"},
+     {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}),
+])
+def test_the_world_comes_from_the_launcher_then_srun_then_a_world_of_one(monkeypatch, capsys, env, expected):
+    clear_world(monkeypatch)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    dist.fill_world_environment()
+    assert {k: dist.os.environ.get(k) for k in expected} == expected
+    alone = "SLURM_STEP_NUM_TASKS" not in env
+    assert ("SLURM allocated 4 tasks but this process is not an srun task: it trains alone" in capsys.readouterr().err
+            ) is alone
 
 
 FAULTS_PER_STEP = """

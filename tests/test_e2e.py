@@ -126,7 +126,7 @@ def test_adam_on_a_cpu_trains_every_weight(tmp_path, data, config):
     assert summary["channels_last"] is False and resolved["trainer"]["channels_last"] is False
     torch.manual_seed(0)  # the run's seed: the weights it started from
     start = models.create_model("bn_cnn").state_dict()
-    trained = torch.load(out / "model.pt")
+    trained = torch.load(out / "model.pt", weights_only=True)
     moved = {k for k, v in start.items() if v.is_floating_point() and not torch.equal(v, trained[k])}
     assert {"conv1.weight", "conv2.weight", "fc1.weight"} <= moved
 
@@ -255,7 +255,7 @@ def test_list_models(tmp_path):
     r = run_cli(["--list-models"], tmp_path, timeout=60)
     assert r.returncode == 0
     rows = dict(line.split(None, 1) for line in r.stdout.strip().splitlines())
-    assert list(rows) == ["airbench94", "bn_cnn", "cnn3", "cnn3_bn", "cnn3_fanin", "resnet18", "resnet9", "simple_cnn"]
+    assert list(rows) == ["airbench94", "bn_cnn", "cnn3", "cnn3_bn", "cnn3_fanin", "resnet18", "resnet9", "simple_cnn", "simple_cnn_bn"]
     assert rows["resnet18"].strip() == "11,173,962 params"
 
 

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from cifar10ds.faults import SIGNALS
 from tests.helpers import ROOT, SCRIPT, cli_env, deepspeed_launcher, free_port, processes_left, run_cli
 
 pytestmark = pytest.mark.slow
@@ -61,24 +62,28 @@ GAS2 = ["--set", "gradient_accumulation_steps=2"]  # micro batch 10: 20 micro st
     (1, "sigterm@25", [], 25, 5),  # mid-epoch 3
     (1, "sigterm@20", [], 20, 10),  # the last step of epoch 2, before its evaluation
     (2, "sigterm@25@1", [], 25, 5),  # only rank 1 gets the signal: both stop at the same step
+    (2, "sigterm@25@1", ["--backend", "accelerate"], 25, 5),  # the same on the Accelerate backend
     (1, "sigterm@45", GAS2, 46, 6),  # mid-accumulation: the stop waits for the optimizer step
+    (2, "sigusr1@25@1", [], 25, 5),  # SLURM's warning before the time limit (--signal=USR1@N), as SIGTERM
 ])
 def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, config, data, ranks, fault, extra, stop_step, in_epoch):
     straight = tmp_path / "straight"
     assert launch(tmp_path, config, data, straight, *extra, ranks=ranks).returncode == 0
     out = tmp_path / "interrupted"
     r = launch(tmp_path, config, data, out, *extra, fault=fault, ranks=ranks)
-    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    sig = SIGNALS[fault.split("@")[0]]
+    assert r.returncode == 128 + sig, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["stop_reason"], summary["signal"], summary["steps"]) == ("signal", "SIGTERM", stop_step)
+    assert (summary["stop_reason"], summary["signal"], summary["steps"]) == ("signal", sig.name, stop_step)
     (tag,) = [p for p in (out / "checkpoints").iterdir() if p.name == f"step{stop_step:08d}"]
     meta = json.loads((tag / "COMMITTED.json").read_text())
     assert (meta["step_in_epoch"], meta["reason"], meta["world_size"]) == (in_epoch, "signal", ranks)
     assert {f"rng_rank{r}.pt" for r in range(ranks)} <= set(meta["files"])
     r = launch(tmp_path, config, data, out, "--resume", "auto", *extra, ranks=ranks)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((out / "summary.json").read_text())["resumed_from"] == str(tag)
-    assert_same_run(straight, out, steps=80 if extra else 40)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["resumed_from"], summary["resumed_step"], summary["steps_redone"]) == (str(tag), stop_step, 0)
+    assert_same_run(straight, out, steps=80 if extra == GAS2 else 40)
 
 
 def test_epochs_that_end_inside_an_accumulation_window_still_get_their_checkpoints(tmp_path, config, data):
@@ -274,3 +279,57 @@ def test_signal_exit_codes(tmp_path, config, data, fault, extra, code):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["stop_reason"], summary["steps"]) == ("signal", 5)
     assert (out / "checkpoints" / "step00000005" / "COMMITTED.json").is_file()
+
+
+def committed_tags(out):
+    return sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".torchrun"))
+
+
+@pytest.mark.parametrize("fault", ["nospace@15@0", "nospace@15@1"])
+def test_a_full_disk_at_a_checkpoint_stops_every_rank_with_one_line(tmp_path, config, data, fault):
+    """The disk fills up on one rank of two before the checkpoint of step 20 (rank 0 writes DeepSpeed's files and
+    commits, rank 1 only its own file): every rank stops there with the same line, exit 2, no partial files, a
+    summary; --resume auto continues from step 10 and ends as the uninterrupted run does."""
+    out = tmp_path / "out"
+    r = launch(tmp_path, config, data, out, fault=fault, ranks=2)
+    assert r.returncode == 2, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["stop_reason"], summary["steps"]) == ("disk_full", 20)
+    assert summary["error"] == (
+        f"no space left in {out / 'checkpoints'}: checkpoint step00000020 was not written and nothing of it is left; "
+        "--resume auto will continue from step00000010 (step 10) once there is room (free space or raise the quota, "
+        "or set trainer.checkpoint.dir elsewhere)")
+    for rank in (0, 1):
+        assert f"[rank {rank}] disk full: {summary['error']}\n" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert committed_tags(out) == ["step00000010"]  # no .tmp-step00000020, no uncommitted step00000020
+    assert not (out / "model.pt").exists()
+    r = launch(tmp_path, config, data, out, "--resume", "auto", ranks=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["resumed_step"], summary["steps_redone"], summary["stop_reason"]) == (10, 10, "completed")
+    straight = tmp_path / "straight"
+    assert launch(tmp_path, config, data, straight, ranks=2).returncode == 0
+    assert_same_run(straight, out)
+
+
+def test_a_real_full_disk_at_a_checkpoint(tmp_path, config, data):
+    """The output folder on a 4 MB tmpfs: the first checkpoint fits, the second does not (torch's zip writer reports
+    that as "unexpected pos ...", without an errno). Needs the right to mount (root); CI runs the test above."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root): the injected full disk above covers this")
+    try:
+        out = disk / "out"
+        r = launch(tmp_path, config, data, out)
+        assert r.returncode == 2, r.stderr[-3000:]
+        (line,) = [x for x in r.stderr.splitlines() if x.startswith("disk full:")]
+        assert "checkpoint step00000020 was not written" in line and "continue from step00000010" in line
+        assert "Traceback" not in r.stderr
+        assert committed_tags(out) == ["step00000010"]
+        assert json.loads((out / "summary.json").read_text())["stop_reason"] == "disk_full"
+        assert not [p for p in out.rglob("*") if ".tmp" in p.name or p.name.startswith(".space-probe")]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -26,7 +26,7 @@ def weights(out, step, backend="deepspeed"):
     """The parameters (not the BatchNorm buffers, which every forward pass moves) in checkpoint ``step``."""
     folder = out / "checkpoints" / f"step{step:08d}"
     if backend == "deepspeed":
-        state = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        state = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     else:
         from safetensors.torch import load_file
 

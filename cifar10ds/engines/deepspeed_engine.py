@@ -184,8 +184,27 @@ class DeepSpeedBackend(Backend):
         return self.module.state_dict()
 
     def save_checkpoint(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
-        # save_latest=False: the trainer's commit marker, not DeepSpeed's "latest", says what is complete.
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        # A write that fails (a full disk) is raised once DeepSpeed's save is over: raised inside it, it would skip
+        # the barriers that follow the writes on this rank alone and leave the other ranks waiting there.
+        writer = self.engine.checkpoint_engine
+        save, failed = writer.save, []
+
+        def deferred(state_dict: Any, path: str) -> None:
+            if failed:  # the disk is full: the later files would fail too
+                return
+            try:
+                save(state_dict, path)
+            except Exception as e:
+                failed.append(e)
+
+        writer.save = deferred
+        try:
+            # save_latest=False: the trainer's commit marker, not DeepSpeed's "latest", says what is complete.
+            self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        finally:
+            del writer.save
+        if failed:
+            raise failed[0]
 
     def load_checkpoint(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
         path, client_state = self.engine.load_checkpoint(
