@@ -231,7 +231,7 @@ def _estimate_run(loop: Loop, last_in_epoch: bool) -> None:
     p, plan = loop.progress, loop.plan
     loop.estimate = Estimate.from_steps(step_s, plan.micro, math.ceil(len(loop.data.test_y) / loop.info.world_size))
     lines = announcement(loop.estimate, plan.total_micro - p.step, plan.epochs - p.epoch, plan.config.trainer.tta_level,
-                         on_cpu=loop.backend.device.type == "cpu")
+                         on_cpu=loop.backend.device.type == "cpu", config_path=plan.config.path)
     loop.reporter.estimate(lines, _left_s(loop))
 
 

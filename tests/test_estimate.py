@@ -40,6 +40,8 @@ def test_a_long_run_on_a_cpu_names_the_preset_that_takes_minutes():
     assert lines[1:] == [CPU_HINT] and "--deepspeed_config configs/speedrun94.json" in CPU_HINT
     assert (ROOT / estimate.CPU_PRESET).is_file()
     assert announcement(long_run, 2351, 24, 0, on_cpu=False)[1:] == []  # a GPU: no hint
+    preset = announcement(long_run, 2351, 24, 0, on_cpu=True, config_path="/x/configs/speedrun94.json")
+    assert preset[1:] == []  # the preset itself (on a CPU slower than the hint assumes): no hint
     short = announcement(Estimate(0.5, 2.0), 100, 2, 0, on_cpu=True)  # minutes already: no hint
     assert short == ["estimate: 54 s to the end of the run (100 steps x 0.5 s + 2 evaluations x ~2 s)"]
 
