@@ -74,13 +74,19 @@ def test_a_user_error_is_one_line_per_problem():
     assert DataError().report() == "data error: data error"
 
 
-BROUGHT = {  # a config in the shape of DeepSpeedExamples' CIFAR one: no "trainer" section, DeepSpeed's keys only
+BROUGHT = {  # DeepSpeedExamples' training/cifar/ds_config.json, key for key: no "trainer" section, DeepSpeed's keys only
     "train_batch_size": 16,
-    "optimizer": {"type": "Adam", "params": {"lr": 0.001, "betas": [0.8, 0.999], "eps": 1e-8}},
-    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.001, "warmup_num_steps": 100}},
-    "bf16": {"enabled": True, **FP16_KEYS},
-    "fp16": {"enabled": False, **FP16_KEYS},
-    "zero_optimization": {"stage": 0, "overlap_comm": True, "cpu_offload": False},
+    "steps_per_print": 250,
+    "optimizer": {"type": "Adam", "params": {"lr": 0.001, "betas": [0.8, 0.999], "eps": 1e-8, "weight_decay": 3e-7}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.001, "warmup_num_steps": 1000}},
+    "gradient_clipping": 1.0,
+    "prescale_gradients": False,
+    "bf16": {"enabled": True, "bf16_master_weights_and_grads": False, **FP16_KEYS},
+    "fp16": {"enabled": False, "fp16_master_weights_and_grads": False, **FP16_KEYS},
+    "wall_clock_breakdown": False,
+    "zero_optimization": {"stage": 0, "allgather_partitions": True, "reduce_scatter": True,
+                          "allgather_bucket_size": 50000000, "reduce_bucket_size": 50000000, "overlap_comm": True,
+                          "contiguous_gradients": True, "cpu_offload": False},
 }
 
 
@@ -104,3 +110,24 @@ def test_a_config_brought_from_deepspeeds_example_stops_every_rank_with_a_line_p
     for block in blocks:
         rank = block[0][:9]
         assert block == [rank + line for line in expected]
+
+
+@pytest.mark.slow
+def test_deepspeeds_example_config_trains_on_two_ranks_once_its_lines_are_followed(tmp_path, data):
+    """Each line's fix applied (the five loss-scale keys out of bf16, cpu_offload out of zero_optimization), the
+    example's config trains as it is otherwise: bf16, its Adam and WarmupLR, clipping 1.0, batch 16 over 2 ranks."""
+    fixed = json.loads(json.dumps(BROUGHT))
+    for key in FP16_KEYS:
+        del fixed["bf16"][key]
+    del fixed["zero_optimization"]["cpu_offload"]
+    assert deepspeed_schema_problems(fixed) == ([], [])
+    config = tmp_path / "ds_config.json"
+    config.write_text(json.dumps(fixed))
+    out = tmp_path / "out"
+    r = run_cli(["--deepspeed_config", str(config), "--data-dir", str(data), "--output-dir", str(out),
+                 "--set", "trainer.model=bn_cnn", "--set", "trainer.epochs=1", "--set", "trainer.data.download=false"],
+                tmp_path, timeout=300, launcher=deepspeed_launcher(2, free_port()))
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["precision"], summary["world_size"], summary["stop_reason"]) == ("bf16", 2, "completed")
+    assert summary["final_val_acc"] is not None
