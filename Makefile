@@ -24,7 +24,7 @@ train: $(BIN)/.installed
 	$(BIN)/python cifar10_deepspeed.py $(ARGS)
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 gpu-test:
 	$(GPU_PY) -m pytest -q -m gpu tests

@@ -230,8 +230,9 @@ def _wandb_file_records(data: bytes) -> list:
     return records
 
 
-# The run every multi-node test repeats and compares with one node's: 2 ranks, fp32, 3 epochs of 10 steps. A rank waits
-# up to 120 s for the others: a first DeepSpeed run compiles an op before it listens.
+# The run every multi-node test repeats and compares with one node's: 2 ranks, fp32, 3 epochs of 10 steps
+# (test_reliability.py runs it one epoch longer). A rank waits up to 120 s for the others: a first DeepSpeed run
+# compiles an op before it listens.
 CLUSTER_CONFIG = {
     "train_batch_size": 20,
     "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}},

@@ -12,19 +12,22 @@ import pytest
 import torch
 
 from cifar10ds.faults import SIGNALS
-from tests.helpers import ROOT, SCRIPT, cli_env, deepspeed_launcher, free_port, processes_left, run_cli
+from tests.helpers import (
+    CLUSTER_CONFIG,
+    ROOT,
+    SAME,
+    SCRIPT,
+    cli_env,
+    deepspeed_launcher,
+    free_port,
+    processes_left,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
 
-CONFIG = {
-    "train_batch_size": 20,
-    "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}},
-    "scheduler": {"type": "WarmupCosineLR",
-                  "params": {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_type": "linear"}},
-    "trainer": {"model": "bn_cnn", "epochs": 4, "warmup_fraction": 0.1, "dist_timeout_s": 20,
-                "data": {"download": False, "augmentation": {"crop_padding": 2, "flip": True, "cutout": 4}}},
-}
-SAME = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm", "grad_norm_max")
+# the multi-node tests' run, one epoch longer, and ranks that give up on each other after 20 s
+CONFIG = {**CLUSTER_CONFIG, "trainer": {**CLUSTER_CONFIG["trainer"], "epochs": 4, "dist_timeout_s": 20}}
 
 
 
